@@ -1,0 +1,207 @@
+//! Device names (`auto | cpu | flex | tch-cpu | tch-cuda:N | cuda:N`) to burn devices.
+//!
+//! Which backends exist depends on the cargo features sepo was built with: `flex` (the default,
+//! pure Rust CPU) and `tch` (libtorch, CPU and CUDA). Asking for a device whose backend is not
+//! built in is an error that says which feature to build with, never a panic.
+
+// burn 0.22 marks its LibTorch constructors deprecated (burn-tch is on its way out); sepo still
+// offers them for CUDA.
+#![allow(deprecated)]
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+/// Parses a device name as written in a pipeline YAML or on the command line.
+///
+/// - `cpu`: the fastest CPU backend built in (`tch-cpu` with the `tch` feature, else `flex`);
+/// - `auto`: `cuda:0` when sepo has the `tch` feature and libtorch sees a CUDA device, else `cpu`;
+/// - `cuda:N`: same as `tch-cuda:N`; `cuda` alone means `cuda:0`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let name = name.trim();
+    let lower = name.to_ascii_lowercase();
+    match lower.as_str() {
+        "auto" => Ok(auto_device()),
+        "cpu" => cpu_device(),
+        "flex" => flex_device(name),
+        "tch-cpu" | "tch" | "libtorch" => tch_cpu_device(name),
+        _ => {
+            let index = if let Some(rest) = lower.strip_prefix("tch-cuda") {
+                parse_index(name, rest)?
+            } else if let Some(rest) = lower.strip_prefix("cuda") {
+                parse_index(name, rest)?
+            } else {
+                bail!(
+                    "unknown device `{name}`: expected one of auto, cpu, flex, tch-cpu, tch-cuda:N, cuda:N"
+                )
+            };
+            tch_cuda_device(name, index)
+        }
+    }
+}
+
+/// A short, stable name for a device, in the syntax [`parse_device`] accepts (`flex`, `tch-cpu`,
+/// `tch-cuda:0`), with ` (autodiff)` appended when the device records gradients.
+pub fn device_name(device: &Device) -> String {
+    let dbg = format!("{:?}", device.clone().without_autodiff());
+    let base = if dbg.contains("Flex") {
+        "flex".to_string()
+    } else if dbg.contains("LibTorch") {
+        if dbg.contains("Cpu") {
+            "tch-cpu".to_string()
+        } else if let Some(i) = dbg.find("Cuda(") {
+            let digits: String = dbg[i + 5..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            format!("tch-cuda:{digits}")
+        } else {
+            dbg.trim_start_matches("Device<")
+                .trim_end_matches('>')
+                .to_lowercase()
+        }
+    } else {
+        dbg.trim_start_matches("Device<")
+            .trim_end_matches('>')
+            .to_string()
+    };
+    if device.is_autodiff() {
+        format!("{base} (autodiff)")
+    } else {
+        base
+    }
+}
+
+fn parse_index(name: &str, rest: &str) -> Result<usize> {
+    if rest.is_empty() {
+        return Ok(0);
+    }
+    let Some(digits) = rest.strip_prefix(':') else {
+        bail!("bad device `{name}`: expected `cuda:N` or `tch-cuda:N` with N a GPU index")
+    };
+    digits
+        .parse::<usize>()
+        .map_err(|_| anyhow::anyhow!("bad device `{name}`: `{digits}` is not a GPU index"))
+}
+
+fn auto_device() -> Device {
+    #[cfg(feature = "tch")]
+    {
+        if tch_cuda_count() > 0 {
+            return Device::libtorch_cuda(0);
+        }
+    }
+    // With no CPU backend built in at all, burn picks whatever exists.
+    cpu_device().unwrap_or_default()
+}
+
+fn cpu_device() -> Result<Device> {
+    #[cfg(feature = "tch")]
+    {
+        return Ok(Device::libtorch());
+    }
+    #[cfg(all(not(feature = "tch"), feature = "flex"))]
+    {
+        return Ok(Device::flex());
+    }
+    #[allow(unreachable_code)]
+    {
+        bail!("device `cpu` needs sepo built with `--features flex` or `--features tch`")
+    }
+}
+
+fn flex_device(name: &str) -> Result<Device> {
+    #[cfg(feature = "flex")]
+    {
+        let _ = name;
+        return Ok(Device::flex());
+    }
+    #[allow(unreachable_code)]
+    {
+        bail!("device `{name}` needs sepo built with `--features flex`")
+    }
+}
+
+fn tch_cpu_device(name: &str) -> Result<Device> {
+    #[cfg(feature = "tch")]
+    {
+        let _ = name;
+        return Ok(Device::libtorch());
+    }
+    #[allow(unreachable_code)]
+    {
+        bail!("device `{name}` needs sepo built with `--features tch`")
+    }
+}
+
+fn tch_cuda_device(name: &str, index: usize) -> Result<Device> {
+    #[cfg(feature = "tch")]
+    {
+        let count = tch_cuda_count();
+        if index >= count {
+            bail!(
+                "device `{name}`: libtorch sees {count} CUDA device(s){}",
+                if count == 0 {
+                    " (is this a CUDA build of libtorch, and is a GPU visible?)"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(Device::libtorch_cuda(index));
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = index;
+        bail!("device `{name}` needs sepo built with `--features tch`")
+    }
+}
+
+#[cfg(feature = "tch")]
+fn tch_cuda_count() -> usize {
+    use burn::tensor::DeviceType;
+    std::panic::catch_unwind(|| Device::enumerate(DeviceType::LibTorch).into_vec().len())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_builtin_names() {
+        #[cfg(feature = "flex")]
+        {
+            assert_eq!(device_name(&parse_device("flex").unwrap()), "flex");
+            assert_eq!(
+                device_name(&parse_device("flex").unwrap().autodiff()),
+                "flex (autodiff)"
+            );
+        }
+        let cpu = parse_device("cpu").unwrap();
+        #[cfg(not(feature = "tch"))]
+        assert_eq!(device_name(&cpu), "flex");
+        #[cfg(feature = "tch")]
+        assert_eq!(device_name(&cpu), "tch-cpu");
+        assert!(parse_device("auto").is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let err = parse_device("gpu").unwrap_err().to_string();
+        assert!(err.contains("unknown device `gpu`"), "{err}");
+        let err = parse_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("not a GPU index"), "{err}");
+    }
+
+    #[cfg(not(feature = "tch"))]
+    #[test]
+    fn missing_backend_is_a_clear_error() {
+        for name in ["tch-cuda:0", "cuda:1", "tch-cpu"] {
+            let err = parse_device(name).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("device `{name}` needs sepo built with `--features tch`")
+            );
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! sepo: Selective Preference Optimization (arXiv 2408.13518) as a reproducible,
+//! content-hashed dataflow pipeline. The product contract is `SPEC.md`'s copy in the README.
+
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod pipeline;
+pub mod progress;
+pub mod stages;
+pub mod template;
+pub mod train;

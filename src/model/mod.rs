@@ -1,0 +1,275 @@
+//! Hugging Face causal language models in burn: llama, mistral, qwen2 and gpt_neox (Pythia).
+//!
+//! [`CausalLm`] is a burn [`Module`] whose parameters are [`burn::module::Param`] tensors, so
+//! it trains with burn's autodiff and optimizers when loaded on an autodiff device. It loads
+//! and saves Hugging Face folders (config.json + safetensors), and computes logits, per-token
+//! log-probabilities and continuations.
+
+pub mod config;
+pub mod generate;
+pub mod gpt_neox;
+pub mod llama;
+pub mod safetensors_io;
+pub mod transformer;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+pub use config::{Architecture, ModelConfig, RopeScaling, TokenIds};
+pub use generate::{GenerateOptions, Sampler};
+pub use safetensors_io::HostTensor;
+pub use transformer::{Decoder, KvCache};
+
+/// Most padded tokens one internal batch of [`CausalLm::response_logprobs`] holds.
+const LOGPROB_BATCH_TOKENS: usize = 16 * 1024;
+
+/// A causal language model.
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    /// The network.
+    pub decoder: Decoder,
+    /// Its configuration.
+    #[module(skip)]
+    config: ModelConfig,
+}
+
+impl CausalLm {
+    /// Loads a Hugging Face model folder (`config.json` and `model.safetensors` or shards with
+    /// `model.safetensors.index.json`) onto `device`. Weights may be f32, f16 or bf16; they are
+    /// computed with in f32.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+        let mut files = safetensors_io::WeightFiles::open(dir)?;
+        let decoder = match config.architecture {
+            Architecture::GptNeox => gpt_neox::load(&config, &mut files, device),
+            _ => llama::load(&config, &mut files, device),
+        }
+        .with_context(|| format!("loading model {}", dir.display()))?;
+        Ok(CausalLm { decoder, config })
+    }
+
+    /// A fresh model with weights drawn from `N(0, initializer_range)` by a generator seeded
+    /// with `seed` (norms one, biases zero); the same seed gives the same weights on every
+    /// backend.
+    pub fn init(config: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        let mut config = config.clone();
+        config.validate()?;
+        // A fresh model owes nothing to any source config.json.
+        config.source.clear();
+        let decoder = match config.architecture {
+            Architecture::GptNeox => gpt_neox::init(&config, device, seed)?,
+            _ => llama::init(&config, device, seed)?,
+        };
+        Ok(CausalLm { decoder, config })
+    }
+
+    /// Writes `config.json` and `model.safetensors` (f32, Hugging Face names, sorted, metadata
+    /// `{"format":"pt"}`) into `dir`, creating it. Equal weights give equal bytes.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create model folder {}", dir.display()))?;
+        let tensors = self.hf_tensors();
+        let bytes = safetensors_io::serialize_f32(&tensors)?;
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut cfg = serde_json::to_string_pretty(&self.config.to_hf_json())?;
+        cfg.push('\n');
+        let path = dir.join("config.json");
+        std::fs::write(&path, cfg).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// The weights as Hugging Face tensors (names and layouts of transformers), in f32.
+    pub fn hf_tensors(&self) -> Vec<(String, HostTensor)> {
+        match self.config.architecture {
+            Architecture::GptNeox => gpt_neox::export(&self.config, &self.decoder),
+            _ => llama::export(&self.config, &self.decoder),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.decoder.embed.val().device()
+    }
+
+    /// Logits `[batch, seq, vocab]`. Batches are right-padded: causal masking makes the logits
+    /// of real tokens independent of the padding after them.
+    pub fn forward(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        let hidden = self.decoder.forward_hidden(input_ids, None);
+        self.decoder.logits(hidden)
+    }
+
+    /// `log p(targets[b, t] | input_ids[b, ..=t])` for every position, `[batch, seq]`:
+    /// log-softmax over the vocabulary (f32, max-subtracted) gathered at the targets.
+    /// Differentiable. Targets must be valid ids (use any id, e.g. 0, at padded positions and
+    /// mask those out).
+    pub fn token_logprobs(&self, input_ids: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<2> {
+        let logits = self.forward(input_ids);
+        gather_logprobs(logits, targets)
+    }
+
+    /// Like [`CausalLm::token_logprobs`] but only at some positions, which saves the output
+    /// projection (the costliest layer of small models) everywhere else: `rows` indexes the
+    /// flattened `[batch * seq]` positions of `input_ids` (`b * seq + t`), `targets` holds the
+    /// token whose log-prob is wanted at each of them. Returns `[rows.len()]`. Differentiable.
+    pub fn selected_logprobs(
+        &self,
+        input_ids: Tensor<2, Int>,
+        rows: Tensor<1, Int>,
+        targets: Tensor<1, Int>,
+    ) -> Tensor<1> {
+        let [batch, seq] = input_ids.dims();
+        let hidden = self.decoder.forward_hidden(input_ids, None);
+        let h = self.config.hidden_size;
+        let picked = hidden.reshape([batch * seq, h]).select(0, rows);
+        let n = picked.dims()[0];
+        let logits = self.decoder.logits(picked.reshape([1, n, h]));
+        gather_logprobs(logits, targets.reshape([1, n])).reshape([n])
+    }
+
+    /// For each `(prompt_ids, response_ids)`, the log-probability of each response token (the
+    /// first one predicted from the last prompt position). Batched with right padding, no
+    /// gradient. The prompt must not be empty.
+    pub fn response_logprobs(
+        &self,
+        pairs: &[(Vec<u32>, Vec<u32>)],
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
+        let model = self.valid();
+        let device = device.clone().without_autodiff();
+        let vocab = self.config.vocab_size;
+        for (i, (p, r)) in pairs.iter().enumerate() {
+            if p.is_empty() {
+                bail!("pair {i}: empty prompt (the first response token needs a context)");
+            }
+            if let Some(bad) = p.iter().chain(r).find(|&&t| t as usize >= vocab) {
+                bail!("pair {i}: token id {bad} is outside the vocabulary of {vocab}");
+            }
+        }
+        let mut out = Vec::with_capacity(pairs.len());
+        let mut start = 0;
+        while start < pairs.len() {
+            // Grow the chunk while the padded batch stays within budget.
+            let mut end = start;
+            let mut max_len = 0;
+            while end < pairs.len() {
+                let len = pairs[end].0.len() + pairs[end].1.len() - 1;
+                let new_max = max_len.max(len);
+                if end > start && new_max * (end + 1 - start) > LOGPROB_BATCH_TOKENS {
+                    break;
+                }
+                max_len = new_max;
+                end += 1;
+            }
+            let max_len = max_len.max(1);
+            let chunk = &pairs[start..end];
+            let rows = chunk.len();
+            let mut inputs = vec![0i64; rows * max_len];
+            let mut picked = Vec::new();
+            let mut targets = Vec::new();
+            for (b, (p, r)) in chunk.iter().enumerate() {
+                let seq: Vec<u32> = p.iter().chain(r.iter()).copied().collect();
+                for t in 0..seq.len() - 1 {
+                    inputs[b * max_len + t] = seq[t] as i64;
+                }
+                for (j, &tok) in r.iter().enumerate() {
+                    picked.push((b * max_len + p.len() - 1 + j) as i64);
+                    targets.push(tok as i64);
+                }
+            }
+            if picked.is_empty() {
+                out.extend(chunk.iter().map(|_| Vec::new()));
+                start = end;
+                continue;
+            }
+            let n = picked.len();
+            let inputs =
+                Tensor::<2, Int>::from_data(TensorData::new(inputs, [rows, max_len]), &device);
+            let picked = Tensor::<1, Int>::from_data(TensorData::new(picked, [n]), &device);
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &device);
+            let lp = model
+                .selected_logprobs(inputs, picked, targets)
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow::anyhow!("reading log-probs back: {e:?}"))?;
+            let mut at = 0;
+            for (_, r) in chunk {
+                out.push(lp[at..at + r.len()].to_vec());
+                at += r.len();
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Continues `prompt_ids` with a key/value cache: greedy when `temperature` is 0, else
+    /// seeded temperature / top-p sampling. Returns the new tokens, ending with EOS when it
+    /// stopped there.
+    pub fn generate(&self, prompt_ids: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
+        if prompt_ids.is_empty() {
+            bail!("generate: empty prompt (give at least a BOS token)");
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            bail!("generate: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let model = self.valid();
+        let device = model.device();
+        let mut sampler = Sampler::new(opts);
+        let mut cache = KvCache::new();
+        let mut out = Vec::new();
+        let mut next_input: Vec<i64> = prompt_ids.iter().map(|&t| t as i64).collect();
+        while out.len() < opts.max_new_tokens {
+            let n = next_input.len();
+            let ids = Tensor::<2, Int>::from_data(
+                TensorData::new(std::mem::take(&mut next_input), [1, n]),
+                &device,
+            );
+            let hidden = model.decoder.forward_hidden(ids, Some(&mut cache));
+            let last = hidden.slice_dim(1, n - 1..n);
+            let logits = model
+                .decoder
+                .logits(last)
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow::anyhow!("reading logits back: {e:?}"))?;
+            let token = sampler.pick(&logits);
+            out.push(token);
+            if opts.eos_token_id == Some(token) {
+                break;
+            }
+            next_input = vec![token as i64];
+        }
+        Ok(out)
+    }
+
+    /// Number of parameters.
+    pub fn param_count(&self) -> usize {
+        self.num_params()
+    }
+}
+
+/// `log_softmax(logits)[b, t, targets[b, t]]`, computed as
+/// `(x_target - max) - log(sum(exp(x - max)))` in the logits' precision (f32).
+pub fn gather_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let max = logits.clone().detach().max_dim(2); // [b, s, 1]
+    let shifted = logits - max; // [b, s, v]
+    let lse = shifted.clone().exp().sum_dim(2).log(); // [b, s, 1]
+    let picked = shifted.gather(2, targets.unsqueeze_dim::<3>(2)); // [b, s, 1]
+    (picked - lse).squeeze_dim::<2>(2)
+}

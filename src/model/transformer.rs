@@ -1,0 +1,461 @@
+//! The decoder shared by every family: embeddings, pre-norm blocks (RMSNorm or LayerNorm),
+//! rotary attention with grouped-query heads, gated (SwiGLU) or plain MLP, sequential or
+//! parallel residuals, final norm and LM head.
+//!
+//! Layout choices (the families' loaders translate to and from Hugging Face's):
+//! - linear weights are stored `[in, out]` (burn's layout, so `linear` needs no transpose);
+//! - q, k and v are one fused projection, columns ordered `[q heads | k heads | v heads]`;
+//! - the gated MLP's gate and up projections are one fused projection `[gate | up]`.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
+use burn::tensor::module::{attention, attention_fallback, embedding, layer_norm, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use super::config::{Activation, ModelConfig, RopeScaling};
+use super::safetensors_io::HostTensor;
+
+/// A linear layer, weight `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// `x @ weight + bias`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        matmul_rows(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    /// From host tensors (`weight` already `[in, out]`).
+    pub fn from_host(weight: HostTensor, bias: Option<HostTensor>, device: &Device) -> Self {
+        Linear {
+            weight: param2(weight, device),
+            bias: bias.map(|b| param1(b, device)),
+        }
+    }
+}
+
+/// RMSNorm (llama family) or LayerNorm (gpt_neox).
+#[derive(Module, Debug)]
+pub struct Norm {
+    /// Scale.
+    pub weight: Param<Tensor<1>>,
+    /// Shift (LayerNorm only).
+    pub bias: Option<Param<Tensor<1>>>,
+    /// Epsilon.
+    pub eps: f64,
+    /// RMSNorm when true.
+    pub rms: bool,
+}
+
+impl Norm {
+    /// Normalizes over the last dimension, as Hugging Face does (f32 statistics; RMSNorm:
+    /// `weight * (x * rsqrt(mean(x^2) + eps))`).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if self.rms {
+            let var = x.clone().square().mean_dim(D - 1);
+            let inv = (var + self.eps).sqrt().recip();
+            (x * inv) * self.weight.val().unsqueeze()
+        } else {
+            layer_norm(
+                x,
+                self.weight.val(),
+                self.bias.as_ref().map(|b| b.val()),
+                self.eps,
+            )
+        }
+    }
+}
+
+/// One transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    /// Norm before attention (`input_layernorm`).
+    pub ln1: Norm,
+    /// Norm before the MLP (`post_attention_layernorm`).
+    pub ln2: Norm,
+    /// Fused q/k/v projection, `[hidden, (heads + 2 kv_heads) * head_dim]`.
+    pub qkv: Linear,
+    /// Attention output projection.
+    pub o: Linear,
+    /// MLP input: fused `[gate | up]` when gated, else `dense_h_to_4h`.
+    pub mlp_in: Linear,
+    /// MLP output.
+    pub mlp_out: Linear,
+}
+
+/// Static shape and numerics of a decoder (not parameters).
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// Rotated channels per head.
+    pub rot_dim: usize,
+    /// Rotary inverse frequencies, `rot_dim / 2` of them (f32, as transformers computes them).
+    pub inv_freq: Vec<f32>,
+    /// MLP activation.
+    pub act: Activation,
+    /// Gated (SwiGLU-style) MLP.
+    pub gated: bool,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Parallel residual (gpt_neox).
+    pub parallel_residual: bool,
+    /// Sliding attention window.
+    pub window: Option<usize>,
+}
+
+impl Spec {
+    /// The spec of a config.
+    pub fn from_config(c: &ModelConfig) -> anyhow::Result<Spec> {
+        c.validate()?;
+        let rot_dim = c.rotary_dim();
+        Ok(Spec {
+            n_heads: c.num_attention_heads,
+            n_kv: c.num_kv_heads(),
+            head_dim: c.head_dim(),
+            rot_dim,
+            inv_freq: rope_inv_freq(rot_dim, c.rope_theta, c.rope_scaling.as_ref()),
+            act: c.activation()?,
+            gated: c.architecture.is_llama_like(),
+            intermediate: c.intermediate_size(),
+            parallel_residual: !c.architecture.is_llama_like() && c.use_parallel_residual,
+            window: c.attention_window(),
+        })
+    }
+}
+
+/// Rotary inverse frequencies in f32, as transformers' `_compute_default_rope_parameters`,
+/// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` compute them.
+pub fn rope_inv_freq(dim: usize, base: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
+    let base = base as f32;
+    let inv: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
+        .collect();
+    match scaling {
+        None => inv,
+        Some(RopeScaling::Linear { factor }) => inv.iter().map(|f| f / *factor as f32).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let factor = *factor as f32;
+            let low = *low_freq_factor as f32;
+            let high = *high_freq_factor as f32;
+            let old = *original_max_position_embeddings as f32;
+            let low_freq_wavelen = old / low;
+            let high_freq_wavelen = old / high;
+            let two_pi = (2.0 * std::f64::consts::PI) as f32;
+            inv.iter()
+                .map(|&f| {
+                    let wavelen = two_pi / f;
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
+                    let smooth = (old / wavelen - low) / (high - low);
+                    let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                    // transformers: ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+                    if medium { smoothed } else { scaled }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Keys and values of past positions, one entry per block (before GQA repetition).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Number of cached positions.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The decoder.
+#[derive(Module, Debug)]
+pub struct Decoder {
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed: Param<Tensor<2>>,
+    /// Blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub final_norm: Norm,
+    /// Output projection `[hidden, vocab]`; `None` when tied to `embed`.
+    pub lm_head: Option<Param<Tensor<2>>>,
+    /// Shapes and numerics.
+    #[module(skip)]
+    pub spec: Spec,
+}
+
+impl Decoder {
+    /// Hidden states after the final norm, `[batch, seq, hidden]`. With a cache, the inputs
+    /// continue the cached positions and the cache is extended.
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        let [batch, seq] = ids.dims();
+        let device = ids.device();
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let sp = &self.spec;
+        let mut x = embedding(self.embed.val(), ids);
+        let (cos, sin) = self.rope_tables(past, seq, &device);
+        let mask = sp.window.and_then(|w| window_mask(past, seq, w, &device));
+        if let Some(c) = cache.as_deref_mut()
+            && c.layers.len() != self.blocks.len()
+        {
+            c.layers = vec![None; self.blocks.len()];
+        }
+        let (nh, nkv, hd) = (sp.n_heads, sp.n_kv, sp.head_dim);
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let h = blk.ln1.forward(x.clone());
+            let qkv = blk.qkv.forward(h);
+            let q = qkv
+                .clone()
+                .slice_dim(2, 0..nh * hd)
+                .reshape([batch, seq, nh, hd])
+                .swap_dims(1, 2);
+            let k = qkv
+                .clone()
+                .slice_dim(2, nh * hd..(nh + nkv) * hd)
+                .reshape([batch, seq, nkv, hd])
+                .swap_dims(1, 2);
+            let v = qkv
+                .slice_dim(2, (nh + nkv) * hd..(nh + 2 * nkv) * hd)
+                .reshape([batch, seq, nkv, hd])
+                .swap_dims(1, 2);
+            let q = apply_rope(q, &cos, &sin, sp.rot_dim);
+            let mut k = apply_rope(k, &cos, &sin, sp.rot_dim);
+            let mut v = v;
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = c.layers[li].take() {
+                    k = Tensor::cat(vec![pk, k], 2);
+                    v = Tensor::cat(vec![pv, v], 2);
+                }
+                c.layers[li] = Some((k.clone(), v.clone()));
+            }
+            let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+            let att = attend(q, k, v, mask.as_ref(), past);
+            let att = att.swap_dims(1, 2).reshape([batch, seq, nh * hd]);
+            let a = blk.o.forward(att);
+            if sp.parallel_residual {
+                let m = self.mlp(blk, blk.ln2.forward(x.clone()));
+                x = x + a + m;
+            } else {
+                x = x + a;
+                let m = self.mlp(blk, blk.ln2.forward(x.clone()));
+                x = x + m;
+            }
+        }
+        if let Some(c) = cache {
+            c.len += seq;
+        }
+        self.final_norm.forward(x)
+    }
+
+    fn mlp(&self, blk: &Block, x: Tensor<3>) -> Tensor<3> {
+        let sp = &self.spec;
+        let h = blk.mlp_in.forward(x);
+        let h = if sp.gated {
+            let i = sp.intermediate;
+            let gate = h.clone().slice_dim(2, 0..i);
+            let up = h.slice_dim(2, i..2 * i);
+            activate(gate, sp.act) * up
+        } else {
+            activate(h, sp.act)
+        };
+        blk.mlp_out.forward(h)
+    }
+
+    /// Logits `[batch, seq, vocab]` of hidden states.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(w) => matmul_rows(hidden, w.val(), None),
+            None => matmul_rows(hidden, self.embed.val().transpose(), None),
+        }
+    }
+
+    /// `cos` and signed `sin` tables `[1, 1, len, rot_dim]` for positions `start..start+len`:
+    /// `rope(x) = x * cos + swap_halves(x) * sin_signed`, which is Hugging Face's
+    /// `x * cos + rotate_half(x) * sin` term for term.
+    fn rope_tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let inv = &self.spec.inv_freq;
+        let half = inv.len();
+        let rot = 2 * half;
+        let mut cos = Vec::with_capacity(len * rot);
+        let mut sin = Vec::with_capacity(len * rot);
+        for p in start..start + len {
+            let pos = p as f32;
+            let freqs: Vec<f32> = inv.iter().map(|f| pos * f).collect();
+            let c: Vec<f32> = freqs.iter().map(|&f| (f as f64).cos() as f32).collect();
+            let s: Vec<f32> = freqs.iter().map(|&f| (f as f64).sin() as f32).collect();
+            cos.extend_from_slice(&c);
+            cos.extend_from_slice(&c);
+            sin.extend(s.iter().map(|v| -v));
+            sin.extend_from_slice(&s);
+        }
+        let cos = Tensor::<4>::from_data(TensorData::new(cos, [1, 1, len, rot]), device);
+        let sin = Tensor::<4>::from_data(TensorData::new(sin, [1, 1, len, rot]), device);
+        (cos, sin)
+    }
+}
+
+/// `x @ w + b` as one `[rows, in] @ [in, out]` matmul over all leading dimensions (burn's
+/// `linear` may instead run one matmul per batch row, which is much slower on flex).
+fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
+    let dims = x.dims();
+    if D == 2 {
+        return linear(x, w, b);
+    }
+    let d_in = dims[D - 1];
+    let d_out = w.dims()[1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = linear(x.reshape([rows, d_in]), w, b);
+    let mut out = dims;
+    out[D - 1] = d_out;
+    y.reshape(out)
+}
+
+/// Scaled dot-product attention of `q` `[b, h, s, d]` over `k`, `v` `[b, h, past + s, d]`,
+/// causal (query `i` sits at position `past + i`), or under an explicit `mask` (true = masked).
+///
+/// burn's fused `attention` is used where every backend agrees on its meaning: a square causal
+/// product, or one query (which sees every key). LibTorch's fused kernel aligns `is_causal`
+/// top-left and reads bool masks the other way round, so the other cases (continuing a cache
+/// with several tokens, sliding windows) take burn's reference implementation, which is
+/// bottom-right aligned with true = masked on every backend.
+fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<&Tensor<4, Bool>>,
+    past: usize,
+) -> Tensor<4> {
+    let [batch, heads, seq, _] = q.dims();
+    let opts = |is_causal| AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    match mask {
+        Some(m) => {
+            let [_, _, sq, sk] = m.dims();
+            let m = m.clone().expand([batch, heads, sq, sk]);
+            attention_fallback(q, k, v, Some(m), None, opts(false))
+        }
+        None if seq == 1 => attention(q, k, v, None, None, opts(false)),
+        None if past == 0 => attention(q, k, v, None, None, opts(true)),
+        None => attention_fallback(q, k, v, None, None, opts(true)),
+    }
+}
+
+fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::Gelu => gelu(x),
+        Activation::GeluTanh => gelu_approximate(x),
+        Activation::Relu => relu(x),
+    }
+}
+
+/// Rotates the first `rot` channels of `x` `[batch, heads, seq, head_dim]`.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, rot: usize) -> Tensor<4> {
+    let hd = x.dims()[3];
+    if rot == 0 {
+        return x;
+    }
+    let half = rot / 2;
+    let rope = |x: Tensor<4>| {
+        let x1 = x.clone().slice_dim(3, 0..half);
+        let x2 = x.clone().slice_dim(3, half..rot);
+        let swapped = Tensor::cat(vec![x2, x1], 3);
+        x * cos.clone() + swapped * sin.clone()
+    };
+    if rot == hd {
+        rope(x)
+    } else {
+        let x_rot = x.clone().slice_dim(3, 0..rot);
+        let x_pass = x.slice_dim(3, rot..hd);
+        Tensor::cat(vec![rope(x_rot), x_pass], 3)
+    }
+}
+
+/// Repeats each key/value head `rep` times: `[b, kv, s, d]` -> `[b, kv * rep, s, d]`.
+fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
+    if rep == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, rep, s, d])
+        .reshape([b, kv * rep, s, d])
+}
+
+/// Causal sliding-window mask `[1, 1, len, start + len]` (true = masked), or `None` when the
+/// window covers every position (plain causal masking is then exact).
+fn window_mask(
+    start: usize,
+    len: usize,
+    window: usize,
+    device: &Device,
+) -> Option<Tensor<4, Bool>> {
+    let total = start + len;
+    if total <= window {
+        return None;
+    }
+    let mut m = Vec::with_capacity(len * total);
+    for qi in 0..len {
+        let q = start + qi;
+        for k in 0..total {
+            m.push(k > q || q - k >= window);
+        }
+    }
+    Some(Tensor::<4, Bool>::from_data(
+        TensorData::new(m, [1, 1, len, total]),
+        device,
+    ))
+}
+
+/// A 2-D parameter from a host tensor.
+pub fn param2(t: HostTensor, device: &Device) -> Param<Tensor<2>> {
+    let shape = [t.shape[0], t.shape[1]];
+    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, shape), device))
+}
+
+/// A 1-D parameter from a host tensor.
+pub fn param1(t: HostTensor, device: &Device) -> Param<Tensor<1>> {
+    let shape = [t.shape[0]];
+    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, shape), device))
+}
+
+/// A parameter's values on the host.
+pub fn host<const D: usize>(p: &Param<Tensor<D>>) -> HostTensor {
+    let t = p.val();
+    let shape = t.dims().to_vec();
+    let data = t
+        .try_into_vec_as::<f32>()
+        .expect("reading a parameter back from the device");
+    HostTensor::new(shape, data)
+}

@@ -1,0 +1,151 @@
+//! Per-response log-probs of a model on a tokenized data set, cached in the store as an
+//! artifact of their own (`<cache>/logprobs/<hash>/logprobs.parquet`, hash of the model's and the
+//! data's hashes). The reference model's log-probs are computed once and reused by the oracle's
+//! DPO, every DPO/IPO baseline and the score stage, whatever their learning rates.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::tokenize::{TokenRow, read_tokens};
+use super::{Artifact, RunContext};
+use crate::data::parquet as pq;
+use crate::pipeline::hash::HASH_HEX_LEN;
+
+const VERSION: &str = "1";
+
+/// Log-probs of every response token (EOS included), row-aligned with the data.
+pub struct Logprobs {
+    pub ids: Vec<String>,
+    pub chosen: Vec<Vec<f32>>,
+    pub rejected: Vec<Vec<f32>>,
+}
+
+impl Logprobs {
+    pub fn chosen_sums(&self) -> Vec<f32> {
+        self.chosen.iter().map(|v| v.iter().sum()).collect()
+    }
+    pub fn rejected_sums(&self) -> Vec<f32> {
+        self.rejected.iter().map(|v| v.iter().sum()).collect()
+    }
+}
+
+/// The Parquet file holding the token columns of a `tokenize`, `score` or `select` artifact.
+pub fn data_file(a: &Artifact) -> PathBuf {
+    match a.kind.as_str() {
+        "select" => a.dir.join("selection.parquet"),
+        "score" => a.dir.join("scores.parquet"),
+        _ => a.dir.join("tokens.parquet"),
+    }
+}
+
+/// Log-probs of `model` (a model or train artifact) on `data`, computed once per pair of hashes.
+pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -> Result<Logprobs> {
+    let key = format!("logprobs:{VERSION}:{}:{}", model.hash, data.hash);
+    let hash = blake3::hash(key.as_bytes()).to_hex()[..HASH_HEX_LEN].to_string();
+    let inputs = json!({"model": model.hash, "data": data.hash});
+    let was_fresh = ctx.store.is_fresh("logprobs", &hash);
+    let dir = ctx.store.derived("logprobs", &hash, inputs, |out| {
+        let rows = read_tokens(&data_file(data))?;
+        let device = crate::device::parse_device(ctx.device).map_err(|e| crate::error::user(e.to_string()))?;
+        let lm = super::model::load_artifact(model, &device)?;
+        let t0 = std::time::Instant::now();
+        let lp = compute(&lm, &rows, &device, ctx, role)?;
+        let tokens: usize = lp.chosen.iter().chain(&lp.rejected).map(Vec::len).sum();
+        let secs = t0.elapsed().as_secs_f64();
+        ctx.progress.log(format!(
+            "         {}: {role} log-probs of `{}` on {} pairs: {tokens} tokens in {secs:.1}s ({:.0} tokens/s)",
+            ctx.stage,
+            model.stage,
+            rows.len(),
+            tokens as f64 / secs.max(1e-9)
+        ));
+        write(&lp, &out.join("logprobs.parquet"))?;
+        Ok(json!({"pairs": rows.len(), "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9)}))
+    })?;
+    if was_fresh {
+        ctx.progress.log(format!(
+            "         {}: reusing cached {role} log-probs of `{}`",
+            ctx.stage, model.stage
+        ));
+    }
+    read(&dir.join("logprobs.parquet"))
+}
+
+/// Forward passes over every chosen and rejected response, in length-sorted batches.
+pub fn compute(
+    lm: &crate::model::CausalLm,
+    rows: &[TokenRow],
+    device: &burn::tensor::Device,
+    ctx: &RunContext,
+    role: &str,
+) -> Result<Logprobs> {
+    let bar = ctx.progress.bar(
+        &format!("{} {role}", ctx.stage),
+        (rows.len() * 2) as u64,
+        "responses",
+    );
+    let mut seqs: Vec<(usize, bool, usize)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        seqs.push((i, true, r.prompt_ids.len() + r.chosen_ids.len()));
+        seqs.push((i, false, r.prompt_ids.len() + r.rejected_ids.len()));
+    }
+    // Sorting by length keeps padding small; results go back to their rows.
+    seqs.sort_by_key(|s| s.2);
+    let mut chosen = vec![Vec::new(); rows.len()];
+    let mut rejected = vec![Vec::new(); rows.len()];
+    for chunk in seqs.chunks(64) {
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk
+            .iter()
+            .map(|&(i, c, _)| {
+                let r = &rows[i];
+                (
+                    r.prompt_ids.clone(),
+                    if c {
+                        r.chosen_ids.clone()
+                    } else {
+                        r.rejected_ids.clone()
+                    },
+                )
+            })
+            .collect();
+        let lp = lm.response_logprobs(&pairs, device)?;
+        for (&(i, c, _), v) in chunk.iter().zip(lp) {
+            if c {
+                chosen[i] = v;
+            } else {
+                rejected[i] = v;
+            }
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    Ok(Logprobs {
+        ids: rows.iter().map(|r| r.id.clone()).collect(),
+        chosen,
+        rejected,
+    })
+}
+
+fn write(lp: &Logprobs, path: &Path) -> Result<()> {
+    let mut df = pq::frame(vec![
+        pq::utf8("id", lp.ids.clone()),
+        pq::list("chosen_logps", &lp.chosen),
+        pq::list("rejected_logps", &lp.rejected),
+    ])?;
+    pq::write(&mut df, path)
+}
+
+fn read(path: &Path) -> Result<Logprobs> {
+    let df = pq::read(path)?;
+    let r = pq::Reader {
+        df: &df,
+        file: path,
+    };
+    Ok(Logprobs {
+        ids: r.strings("id")?,
+        chosen: r.f32_lists("chosen_logps")?,
+        rejected: r.f32_lists("rejected_logps")?,
+    })
+}

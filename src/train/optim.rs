@@ -1,0 +1,613 @@
+//! What the training loop needs around the optimizer:
+//!
+//! - [`ParamGrads`]: a module's gradients taken out of burn's `Gradients`, keyed by **parameter
+//!   path** (`"layers.0.attn.q_proj.weight"`), accumulated over micro-batches, with
+//!   `torch.nn.utils.clip_grad_norm_`-style **global** norm clipping ([`ParamGrads::clip_total_norm`]).
+//! - [`AdamW`]: `torch.optim.AdamW`, op for op (decoupled weight decay, bias correction, eps added
+//!   after the bias-corrected sqrt), generic over any burn [`Module`], with its state saved and
+//!   loaded bit-exactly ([`AdamW::save`] / [`AdamW::load`]).
+//! - [`save_module`] / [`load_module`]: the weights half of a checkpoint (burnpack).
+//!
+//! Why not burn's own `burn::optim` (crate `burn-optim`, feature `optim`, not enabled in this crate):
+//! - its AdamW is the same algorithm, but orders the float ops differently
+//!   (`m*b1 + g*(1-b1)`, `(m/bc1) / (sqrt(v/bc2) + eps)`, bias corrections in f32) and defaults to
+//!   `eps = 1e-5`, `weight_decay = 1e-4` (PyTorch: 1e-8, 1e-2);
+//! - its `GradientClipping::Norm` clips **each parameter tensor separately** (it is applied inside
+//!   the per-parameter step), which is not `clip_grad_norm_`, and it reports no norm;
+//! - its state is keyed by `ParamId`, so resuming needs the exact same ids (burn's own module
+//!   record restores them, a model re-created from safetensors does not, and a mismatch silently
+//!   restarts the moments at zero). State here is keyed by the parameter path instead.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+// ------------------------------------------------------------------------------------------------
+// gradients
+// ------------------------------------------------------------------------------------------------
+
+/// Gradients of a module's trainable parameters, keyed by parameter path, each flattened to 1-D.
+///
+/// ```ignore
+/// let mut grads = ParamGrads::new();
+/// for micro in batch.chunks(..) {
+///     let loss = objective(..).loss.div_scalar(n_micro as f64);   // mean over micro-batches
+///     grads.accumulate(&model, &mut loss.backward());
+/// }
+/// let grad_norm = grads.clip_total_norm(max_grad_norm);           // logged as `grad_norm`
+/// model = optim.step(lr, model, grads);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ParamGrads {
+    grads: BTreeMap<String, Tensor<1>>,
+}
+
+impl ParamGrads {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the gradient of every trainable parameter of `module` out of `grads` (the result of
+    /// `loss.backward()`) and adds it to what is already held.
+    pub fn accumulate<M: Module>(&mut self, module: &M, grads: &mut Gradients) {
+        let mut visitor = GradCollector {
+            path: Vec::new(),
+            grads,
+            out: &mut self.grads,
+        };
+        module.visit(&mut visitor);
+    }
+
+    /// The gradients of one backward pass.
+    pub fn from_backward<M: Module>(module: &M, mut grads: Gradients) -> Self {
+        let mut out = Self::new();
+        out.accumulate(module, &mut grads);
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// The flattened gradient of the parameter at `path`, if it has one.
+    pub fn get(&self, path: &str) -> Option<&Tensor<1>> {
+        self.grads.get(path)
+    }
+
+    /// Parameter paths, sorted.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.grads.keys().map(String::as_str)
+    }
+
+    /// Multiplies every gradient by `factor`.
+    pub fn scale(&mut self, factor: f64) {
+        for g in self.grads.values_mut() {
+            *g = g.clone().mul_scalar(factor);
+        }
+    }
+
+    /// The L2 norm of all gradients together, as if concatenated into one vector (computed like
+    /// torch: each tensor's norm, then the norm of those norms). One device sync.
+    pub fn total_norm(&self) -> f64 {
+        if self.grads.is_empty() {
+            return 0.0;
+        }
+        let norms: Vec<Tensor<1>> = self
+            .grads
+            .values()
+            .map(|g| g.clone().square().sum().sqrt())
+            .collect();
+        let total = Tensor::cat(norms, 0).square().sum().sqrt();
+        total
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32")[0] as f64
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: ONE norm over all parameters; when it
+    /// exceeds `max_norm`, every gradient is multiplied by `max_norm / (total_norm + 1e-6)` (in f32,
+    /// as torch). Returns the total norm **before** clipping (what HF logs as `grad_norm`).
+    /// `max_norm <= 0` (or not finite) only measures. A non-finite norm propagates into the
+    /// gradients, as in torch; check the returned value if that must stop training.
+    pub fn clip_total_norm(&mut self, max_norm: f64) -> f64 {
+        let total = self.total_norm();
+        if max_norm > 0.0 && max_norm.is_finite() {
+            let coef = (max_norm as f32) / (total as f32 + 1e-6f32);
+            // torch multiplies by min(coef, 1) unconditionally; multiplying by 1.0 is the identity.
+            // (NaN included: a NaN norm makes NaN gradients, as in torch.)
+            if coef < 1.0 || coef.is_nan() {
+                self.scale(coef as f64);
+            }
+        }
+        total
+    }
+}
+
+struct GradCollector<'a> {
+    path: Vec<String>,
+    grads: &'a mut Gradients,
+    out: &'a mut BTreeMap<String, Tensor<1>>,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // As burn-optim: a parameter that is not tracked has no gradient (and grad_remove on a
+        // non-autodiff tensor would panic).
+        if !param.is_require_grad() {
+            return;
+        }
+        let Some(grad) = param.val().grad_remove(self.grads) else {
+            return;
+        };
+        let n = grad.shape().num_elements();
+        let grad = grad.reshape([n]);
+        let path = self.path.join(".");
+        let acc = match self.out.remove(&path) {
+            Some(prev) => prev + grad,
+            None => grad,
+        };
+        self.out.insert(path, acc);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// AdamW
+// ------------------------------------------------------------------------------------------------
+
+/// Which parameters weight decay applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayScope {
+    /// Every parameter (`torch.optim.AdamW(model.parameters(), ..)`).
+    All,
+    /// Parameters of rank >= 2 only: weight matrices and embeddings decay, biases and norm weights
+    /// do not. For llama / mistral / qwen2 / gpt_neox this is exactly the HF Trainer's split
+    /// (`get_decay_parameter_names`: everything except biases and LayerNorm/RMSNorm weights).
+    MatricesOnly,
+}
+
+/// `torch.optim.AdamW` hyper-parameters (the learning rate is passed to each [`AdamW::step`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub decay: DecayScope,
+}
+
+impl Default for AdamWConfig {
+    /// betas (0.9, 0.999), eps 1e-8 (PyTorch); weight decay 0.0 (the HF `TrainingArguments`
+    /// default; torch's own default is 1e-2), applied to [`DecayScope::MatricesOnly`].
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decay: DecayScope::MatricesOnly,
+        }
+    }
+}
+
+impl AdamWConfig {
+    pub fn with_weight_decay(mut self, weight_decay: f64) -> Self {
+        self.weight_decay = weight_decay;
+        self
+    }
+
+    pub fn with_decay(mut self, decay: DecayScope) -> Self {
+        self.decay = decay;
+        self
+    }
+
+    pub fn init(self) -> AdamW {
+        AdamW::new(self)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AdamState {
+    /// Updates applied to this parameter (torch's `state["step"]`).
+    step: u64,
+    exp_avg: Tensor<1>,
+    exp_avg_sq: Tensor<1>,
+}
+
+/// AdamW with PyTorch semantics (`torch.optim.AdamW`, single-tensor path, `amsgrad=False`,
+/// `maximize=False`). Per parameter, with `t` its own step count:
+///
+/// ```text
+/// t += 1
+/// p *= 1 - lr * weight_decay                       (decoupled; skipped when the scope excludes p)
+/// m  = m + (1 - beta1) * (g - m)                   (torch: exp_avg.lerp_(g, 1 - beta1))
+/// v  = v * beta2 + (1 - beta2) * g * g
+/// step_size = lr / (1 - beta1^t)                   (f64, like torch's Python floats)
+/// denom     = sqrt(v) / sqrt(1 - beta2^t) + eps
+/// p  = p + (-step_size * m) / denom                (torch: addcdiv_)
+/// ```
+/// A parameter without a gradient in a step is left alone and its state does not advance (torch
+/// skips parameters whose `.grad` is None). States are keyed by parameter path.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    states: BTreeMap<String, AdamState>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            states: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// The most updates any parameter has received (0 before the first step).
+    pub fn steps(&self) -> u64 {
+        self.states.values().map(|s| s.step).max().unwrap_or(0)
+    }
+
+    /// Number of parameters that have state.
+    pub fn num_states(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter of `module` that has a
+    /// gradient in `grads`; returns the updated module (same parameter ids, still trainable).
+    ///
+    /// Panics if `grads` holds a path the module does not have (gradients from another model).
+    pub fn step<M: Module>(&mut self, lr: f64, module: M, grads: ParamGrads) -> M {
+        let mut mapper = AdamWMapper {
+            path: Vec::new(),
+            lr,
+            config: &self.config,
+            states: &mut self.states,
+            grads: grads.grads,
+        };
+        let module = module.map(&mut mapper);
+        assert!(
+            mapper.grads.is_empty(),
+            "AdamW::step: gradients for parameters the module does not have: {:?}",
+            mapper.grads.keys().collect::<Vec<_>>()
+        );
+        module
+    }
+
+    /// Serializes the configuration and every state tensor (raw bytes, so a reload is bit-exact).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut blob = Vec::new();
+        let mut params = Vec::with_capacity(self.states.len());
+        for (path, s) in &self.states {
+            let m = raw(&s.exp_avg);
+            let v = raw(&s.exp_avg_sq);
+            params.push(StateHeader {
+                path: path.clone(),
+                step: s.step,
+                numel: m.numel,
+                dtype: m.dtype.clone(),
+                exp_avg: (blob.len() as u64, m.bytes.len() as u64),
+                exp_avg_sq: (
+                    blob.len() as u64 + m.bytes.len() as u64,
+                    v.bytes.len() as u64,
+                ),
+            });
+            assert_eq!(m.dtype, v.dtype);
+            blob.extend_from_slice(&m.bytes);
+            blob.extend_from_slice(&v.bytes);
+        }
+        let header = Header {
+            format: FORMAT.to_string(),
+            config: self.config.clone(),
+            params,
+        };
+        let header = serde_json::to_vec(&header).expect("header serializes");
+        let mut out = Vec::with_capacity(MAGIC.len() + 8 + header.len() + blob.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&blob);
+        out
+    }
+
+    /// The inverse of [`to_bytes`](Self::to_bytes); state tensors are created on `device` (use the
+    /// training device; a state on another device is moved at its next step anyway).
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        // Optimizer state never takes part in autodiff.
+        let device = &device.clone().without_autodiff();
+        ensure!(
+            bytes.len() >= MAGIC.len() + 8 && &bytes[..MAGIC.len()] == MAGIC,
+            "not a sepo AdamW state file"
+        );
+        let hlen =
+            u64::from_le_bytes(bytes[MAGIC.len()..MAGIC.len() + 8].try_into().unwrap()) as usize;
+        let start = MAGIC.len() + 8;
+        ensure!(
+            bytes.len() >= start + hlen,
+            "AdamW state truncated (header)"
+        );
+        let header: Header =
+            serde_json::from_slice(&bytes[start..start + hlen]).context("AdamW state header")?;
+        ensure!(
+            header.format == FORMAT,
+            "AdamW state format {:?}, expected {FORMAT:?}",
+            header.format
+        );
+        let blob = &bytes[start + hlen..];
+        let mut states = BTreeMap::new();
+        for p in header.params {
+            let tensor = |(off, len): (u64, u64)| -> Result<Tensor<1>> {
+                let (off, len) = (off as usize, len as usize);
+                ensure!(
+                    off + len <= blob.len(),
+                    "AdamW state truncated ({})",
+                    p.path
+                );
+                let dtype = parse_dtype(&p.dtype)?;
+                ensure!(
+                    len == p.numel * dtype.size(),
+                    "AdamW state {}: {} bytes for {} {} values",
+                    p.path,
+                    len,
+                    p.numel,
+                    p.dtype
+                );
+                let data =
+                    TensorData::from_bytes_vec(blob[off..off + len].to_vec(), [p.numel], dtype);
+                Ok(Tensor::from_data(data, (device, dtype)))
+            };
+            let state = AdamState {
+                step: p.step,
+                exp_avg: tensor(p.exp_avg)?,
+                exp_avg_sq: tensor(p.exp_avg_sq)?,
+            };
+            states.insert(p.path, state);
+        }
+        Ok(Self {
+            config: header.config,
+            states,
+        })
+    }
+
+    /// Writes [`to_bytes`](Self::to_bytes) to `path` (through a temporary file and a rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.to_bytes())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_bytes(&bytes, device)
+            .with_context(|| format!("loading AdamW state {}", path.display()))
+    }
+}
+
+const MAGIC: &[u8] = b"SEPO-ADAMW\n";
+const FORMAT: &str = "sepo-adamw-1";
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: String,
+    config: AdamWConfig,
+    params: Vec<StateHeader>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateHeader {
+    path: String,
+    step: u64,
+    numel: usize,
+    dtype: String,
+    /// (offset, length) in bytes into the data that follows the header.
+    exp_avg: (u64, u64),
+    exp_avg_sq: (u64, u64),
+}
+
+struct Raw {
+    bytes: Vec<u8>,
+    dtype: String,
+    numel: usize,
+}
+
+fn raw(t: &Tensor<1>) -> Raw {
+    let data = t.to_data();
+    let dtype = match data.dtype() {
+        DType::F64 => "f64",
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => panic!("AdamW state of dtype {other:?} cannot be saved"),
+    };
+    Raw {
+        numel: data.num_elements(),
+        bytes: data.as_bytes().to_vec(),
+        dtype: dtype.to_string(),
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f64" => DType::F64,
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown dtype {other:?} in AdamW state"),
+    })
+}
+
+struct AdamWMapper<'a> {
+    path: Vec<String>,
+    lr: f64,
+    config: &'a AdamWConfig,
+    states: &'a mut BTreeMap<String, AdamState>,
+    grads: BTreeMap<String, Tensor<1>>,
+}
+
+impl ModuleMapper for AdamWMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(grad) = self.grads.remove(&path) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        assert_eq!(
+            grad.dims()[0],
+            n,
+            "AdamW::step: gradient of {path} has {} values, parameter {n}",
+            grad.dims()[0]
+        );
+
+        // The autodiff settings the parameter carries, to put back on the updated value.
+        let was_autodiff = tensor.is_autodiff();
+        let require_grad = tensor.is_require_grad();
+        let checkpointing = tensor.gradient_checkpointing_strategy();
+
+        let p = tensor.inner().reshape([n]);
+        let device = p.device();
+        let g = if grad.device() != device {
+            grad.to_device(&device)
+        } else {
+            grad
+        }
+        .inner();
+
+        let state = match self.states.remove(&path) {
+            Some(s) if s.exp_avg.device() != device => AdamState {
+                step: s.step,
+                exp_avg: s.exp_avg.to_device(&device).inner(),
+                exp_avg_sq: s.exp_avg_sq.to_device(&device).inner(),
+            },
+            Some(s) => AdamState {
+                step: s.step,
+                exp_avg: s.exp_avg.inner(),
+                exp_avg_sq: s.exp_avg_sq.inner(),
+            },
+            None => AdamState {
+                step: 0,
+                exp_avg: p.zeros_like(),
+                exp_avg_sq: p.zeros_like(),
+            },
+        };
+        let (p, state) = adamw_update(self.config, self.lr, D, p, g, state);
+        self.states.insert(path, state);
+
+        let mut updated = p.reshape(shape);
+        if was_autodiff {
+            updated = Tensor::from_inner(updated);
+            if let Some(strategy) = checkpointing {
+                updated = updated.with_gradient_checkpointing_strategy(strategy);
+            }
+            if require_grad {
+                updated = updated.require_grad();
+            }
+        }
+        Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// One torch AdamW update of a flattened parameter (see [`AdamW`]).
+fn adamw_update(
+    c: &AdamWConfig,
+    lr: f64,
+    rank: usize,
+    p: Tensor<1>,
+    g: Tensor<1>,
+    s: AdamState,
+) -> (Tensor<1>, AdamState) {
+    let step = s.step + 1;
+    let decays = match c.decay {
+        DecayScope::All => true,
+        DecayScope::MatricesOnly => rank >= 2,
+    };
+    let p = if c.weight_decay != 0.0 && decays {
+        p.mul_scalar(1.0 - lr * c.weight_decay)
+    } else {
+        p
+    };
+    // lerp with a weight below 0.5: self + w * (end - self)
+    let exp_avg = s.exp_avg.clone() + (g.clone() - s.exp_avg).mul_scalar(1.0 - c.beta1);
+    // mul_(beta2).addcmul_(g, g, value=1-beta2): v*b2 + ((1-b2)*g)*g
+    let exp_avg_sq = s.exp_avg_sq.mul_scalar(c.beta2) + g.clone().mul_scalar(1.0 - c.beta2).mul(g);
+    let t = step as f64;
+    let bias_correction1 = 1.0 - c.beta1.powf(t);
+    let bias_correction2 = 1.0 - c.beta2.powf(t);
+    let step_size = lr / bias_correction1;
+    let bias_correction2_sqrt = bias_correction2.powf(0.5);
+    let denom = exp_avg_sq
+        .clone()
+        .sqrt()
+        .div_scalar(bias_correction2_sqrt)
+        .add_scalar(c.eps);
+    // addcdiv_(exp_avg, denom, value=-step_size): p + (-step_size * m) / denom
+    let p = p + exp_avg.clone().mul_scalar(-step_size).div(denom);
+    (
+        p,
+        AdamState {
+            step,
+            exp_avg,
+            exp_avg_sq,
+        },
+    )
+}
+
+// ------------------------------------------------------------------------------------------------
+// module weights
+// ------------------------------------------------------------------------------------------------
+
+/// Saves the module's parameters to a burnpack file (burn's `Module::save_file`: raw tensor bytes
+/// keyed by parameter path, plus the `ParamId`s; written atomically). Bit-exact on reload. A path
+/// without an extension gets `.bpk` appended (burn's choice; [`load_module`] does the same).
+pub fn save_module<M: Module>(module: &M, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    module
+        .clone()
+        .save_file(path)
+        .map_err(|e| anyhow::anyhow!("saving {}: {e}", path.display()))
+}
+
+/// Loads parameters saved by [`save_module`] into `module` (same architecture). The tensors are
+/// created on each parameter's current device and keep its trainability.
+pub fn load_module<M: Module>(module: M, path: impl AsRef<Path>) -> Result<M> {
+    let path = path.as_ref();
+    module
+        .try_load_file(path)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,445 @@
+//! The training loop: batches, forward passes through [`CausalLm::selected_logprobs`] (logits
+//! only at response positions), the objective, global-norm clipping, AdamW with warm-up + cosine,
+//! metrics, and checkpoints from which a killed run resumes to the same bytes.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::objectives::{self, PairLoss};
+use super::optim::{AdamW, AdamWConfig, ParamGrads, load_module, save_module};
+use super::schedule::lr_at;
+use crate::model::CausalLm;
+use crate::progress::Progress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    Sft,
+    Dpo,
+    Ipo,
+    Simpo,
+    Sepo,
+}
+
+impl Objective {
+    pub fn is_pairwise(self) -> bool {
+        self != Objective::Sft
+    }
+    pub fn needs_reference(self) -> bool {
+        matches!(self, Objective::Dpo | Objective::Ipo)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Sft => "sft",
+            Objective::Dpo => "dpo",
+            Objective::Ipo => "ipo",
+            Objective::Simpo => "simpo",
+            Objective::Sepo => "sepo",
+        }
+    }
+}
+
+/// Hyper-parameters of one run (the `train` stage's parameters minus what picks the inputs).
+#[derive(Debug, Clone)]
+pub struct TrainSpec {
+    pub objective: Objective,
+    pub lr: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub beta: f64,
+    pub gamma: f64,
+    pub margin: f64,
+    pub label_smoothing: f64,
+    pub shuffle: bool,
+    pub group_by_length: bool,
+    pub seed: u64,
+    pub checkpoint_every: usize,
+}
+
+/// One training pair (for SFT only `prompt` and `chosen` are used).
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    /// SePO's key-token masks.
+    pub chosen_mask: Option<Vec<bool>>,
+    pub rejected_mask: Option<Vec<bool>>,
+    /// Reference log-probs, summed over each response (DPO, IPO).
+    pub ref_chosen: f32,
+    pub ref_rejected: f32,
+}
+
+/// One row of `metrics.parquet`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub elapsed_s: f64,
+    pub logps_chosen: Option<f64>,
+    pub logps_rejected: Option<f64>,
+    pub reward_chosen: Option<f64>,
+    pub reward_rejected: Option<f64>,
+    pub reward_margin: Option<f64>,
+    pub reward_accuracy: Option<f64>,
+}
+
+/// The micro-batches of one epoch: a seeded shuffle, then (if asked) pairs of similar length
+/// grouped within windows of 50 batches to cut padding, the batches themselves shuffled again.
+pub fn epoch_batches(lengths: &[usize], spec: &TrainSpec, epoch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        spec.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64),
+    );
+    if spec.shuffle {
+        order.shuffle(&mut rng);
+    }
+    let bs = spec.batch_size;
+    if spec.group_by_length {
+        for window in order.chunks_mut(bs * 50) {
+            window.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        }
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
+    if spec.group_by_length && spec.shuffle {
+        batches.shuffle(&mut rng);
+    }
+    batches
+}
+
+/// What a checkpoint holds besides weights and optimizer state.
+#[derive(Debug, Serialize, Deserialize)]
+struct CkptState {
+    step: u64,
+    elapsed_s: f64,
+    metrics: Vec<StepMetrics>,
+}
+
+/// Trains `model` (on an autodiff device) and returns it with one metrics row per optimizer step.
+pub fn train(
+    mut model: CausalLm,
+    examples: &[Example],
+    spec: &TrainSpec,
+    ckpt_dir: &Path,
+    device: &Device,
+    progress: &Progress,
+    label: &str,
+) -> Result<(CausalLm, Vec<StepMetrics>)> {
+    let lengths: Vec<usize> = examples
+        .iter()
+        .map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len()))
+        .collect();
+    let micro_per_epoch = examples.len().div_ceil(spec.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(spec.grad_accum);
+    let total_steps = (steps_per_epoch * spec.epochs) as u64;
+    let mut opt = AdamWConfig::default()
+        .with_weight_decay(spec.weight_decay)
+        .init();
+    let mut metrics: Vec<StepMetrics> = Vec::new();
+    let mut start_step = 0u64;
+    let mut elapsed_before = 0.0;
+    let state_path = ckpt_dir.join("state.json");
+    if state_path.is_file() {
+        let state: CkptState = serde_json::from_slice(&std::fs::read(&state_path)?)
+            .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
+        model = load_module(model, ckpt_dir.join("model.bpk"))?;
+        opt = AdamW::load(ckpt_dir.join("optim.bin"), device)?;
+        start_step = state.step;
+        elapsed_before = state.elapsed_s;
+        metrics = state.metrics;
+        progress.log(format!(
+            "         {label}: resuming from the checkpoint at step {start_step}/{total_steps} ({})",
+            ckpt_dir.display()
+        ));
+    }
+    let bar = progress.bar(label, total_steps, "steps");
+    bar.inc(start_step);
+    let t0 = Instant::now();
+    let mut step = 0u64;
+    'epochs: for epoch in 0..spec.epochs {
+        let batches = epoch_batches(&lengths, spec, epoch);
+        for group in batches.chunks(spec.grad_accum) {
+            step += 1;
+            if step <= start_step {
+                continue;
+            }
+            let lr = lr_at(step - 1, total_steps, spec.lr, spec.warmup_ratio);
+            let group_pairs: usize = group.iter().map(Vec::len).sum();
+            let group_tokens: usize = group
+                .iter()
+                .flatten()
+                .map(|&i| examples[i].chosen.len())
+                .sum();
+            let mut grads = ParamGrads::new();
+            let mut m = StepMetrics {
+                step,
+                lr,
+                ..Default::default()
+            };
+            let mut pair_sums = [0.0f64; 6];
+            for micro in group {
+                let batch: Vec<&Example> = micro.iter().map(|&i| &examples[i]).collect();
+                let weight = if spec.objective.is_pairwise() {
+                    batch.len() as f64 / group_pairs as f64
+                } else {
+                    1.0
+                };
+                let out = forward_loss(&model, &batch, spec, device, group_tokens)?;
+                m.tokens += out.tokens as u64;
+                let loss = out.loss.mul_scalar(weight);
+                m.loss += scalar(&loss);
+                if let Some(pl) = &out.pair {
+                    let pm = pl.metrics();
+                    for (acc, v) in pair_sums.iter_mut().zip([
+                        out.mean_pc,
+                        out.mean_pr,
+                        pm.reward_chosen,
+                        pm.reward_rejected,
+                        pm.reward_margin,
+                        pm.reward_accuracy,
+                    ]) {
+                        *acc += v * weight;
+                    }
+                }
+                grads.accumulate(&model, &mut loss.backward());
+            }
+            if spec.objective.is_pairwise() {
+                m.logps_chosen = Some(pair_sums[0]);
+                m.logps_rejected = Some(pair_sums[1]);
+                m.reward_chosen = Some(pair_sums[2]);
+                m.reward_rejected = Some(pair_sums[3]);
+                m.reward_margin = Some(pair_sums[4]);
+                m.reward_accuracy = Some(pair_sums[5]);
+            }
+            m.grad_norm = grads.clip_total_norm(if spec.max_grad_norm > 0.0 {
+                spec.max_grad_norm
+            } else {
+                0.0
+            });
+            model = opt.step(lr, model, grads);
+            m.epoch = step as f64 / steps_per_epoch as f64;
+            m.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {:.4} {:.0} tok/s",
+                m.loss,
+                m.tokens as f64 * (step - start_step) as f64
+                    / t0.elapsed().as_secs_f64().max(1e-9)
+                    / (step - start_step) as f64
+            ));
+            metrics.push(m);
+            if spec.checkpoint_every > 0
+                && step.is_multiple_of(spec.checkpoint_every as u64)
+                && step < total_steps
+            {
+                checkpoint(&model, &opt, &metrics, step, ckpt_dir)?;
+                // Test hook: die right after a checkpoint, as a kill -9 would.
+                if std::env::var("SEPO_TEST_ABORT_AFTER_CHECKPOINT")
+                    .is_ok_and(|s| s.parse() == Ok(step))
+                {
+                    std::process::abort();
+                }
+            }
+            if step >= total_steps {
+                break 'epochs;
+            }
+        }
+    }
+    let secs = bar.finish();
+    let tokens: u64 = metrics
+        .iter()
+        .skip(start_step as usize)
+        .map(|m| m.tokens)
+        .sum();
+    progress.log(format!(
+        "         {label}: {} steps, {tokens} tokens in {secs:.1}s ({:.0} tokens/s), final loss {:.4}",
+        total_steps - start_step,
+        tokens as f64 / secs.max(1e-9),
+        metrics.last().map_or(f64::NAN, |m| m.loss)
+    ));
+    Ok((model, metrics))
+}
+
+fn checkpoint(
+    model: &CausalLm,
+    opt: &AdamW,
+    metrics: &[StepMetrics],
+    step: u64,
+    dir: &Path,
+) -> Result<()> {
+    let parent = dir.parent().expect("ckpt has a parent");
+    let tmp = parent.join("ckpt.partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    save_module(model, tmp.join("model.bpk"))?;
+    opt.save(tmp.join("optim.bin"))?;
+    let elapsed = metrics.last().map_or(0.0, |m| m.elapsed_s);
+    let state = CkptState {
+        step,
+        elapsed_s: elapsed,
+        metrics: metrics.to_vec(),
+    };
+    std::fs::write(tmp.join("state.json"), serde_json::to_vec(&state)?)?;
+    for f in std::fs::read_dir(&tmp)? {
+        std::fs::File::open(f?.path())?.sync_all()?;
+    }
+    // Swap in the new checkpoint; at every moment one complete checkpoint (or none) is `ckpt/`.
+    let old = parent.join("ckpt.old");
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&tmp, dir)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}
+
+fn scalar(t: &Tensor<1>) -> f64 {
+    t.to_data()
+        .convert::<f64>()
+        .try_to_vec::<f64>()
+        .map(|v| v[0])
+        .unwrap_or(f64::NAN)
+}
+
+struct MicroOut {
+    loss: Tensor<1>,
+    pair: Option<PairLoss>,
+    mean_pc: f64,
+    mean_pr: f64,
+    tokens: usize,
+}
+
+/// One micro-batch: sequences `prompt + response` right-padded, log-probs at response positions
+/// only, and the objective. For SFT the loss is already divided by the step's response tokens
+/// (`step_tokens`), so summing micro-batches gives the step's token-weighted mean.
+fn forward_loss(
+    model: &CausalLm,
+    batch: &[&Example],
+    spec: &TrainSpec,
+    device: &Device,
+    step_tokens: usize,
+) -> Result<MicroOut> {
+    let pairwise = spec.objective.is_pairwise();
+    let mut seqs: Vec<(&[u32], &[u32])> = batch
+        .iter()
+        .map(|e| (e.prompt.as_slice(), e.chosen.as_slice()))
+        .collect();
+    if pairwise {
+        seqs.extend(
+            batch
+                .iter()
+                .map(|e| (e.prompt.as_slice(), e.rejected.as_slice())),
+        );
+    }
+    let rows = seqs.len();
+    let width = seqs
+        .iter()
+        .map(|(p, r)| p.len() + r.len() - 1)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut inputs = vec![0i64; rows * width];
+    let mut picked: Vec<i64> = Vec::new();
+    let mut targets: Vec<i64> = Vec::new();
+    let mut owner: Vec<usize> = Vec::new();
+    let mut tokens = 0;
+    for (b, (p, r)) in seqs.iter().enumerate() {
+        let full: Vec<u32> = p.iter().chain(r.iter()).copied().collect();
+        tokens += full.len() - 1;
+        for t in 0..full.len() - 1 {
+            inputs[b * width + t] = full[t] as i64;
+        }
+        for (j, &tok) in r.iter().enumerate() {
+            picked.push((b * width + p.len() - 1 + j) as i64);
+            targets.push(tok as i64);
+            owner.push(b);
+        }
+    }
+    let n = picked.len();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(inputs, [rows, width]), device);
+    let picked = Tensor::<1, Int>::from_data(TensorData::new(picked, [n]), device);
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), device);
+    let lp = model.selected_logprobs(ids, picked, targets);
+    // Row r of a [rows, n] 0/1 matrix marks which picked positions belong to sequence r; the
+    // objectives' masked sums then aggregate per sequence.
+    let mask_of = |f: &dyn Fn(usize, usize) -> bool, nrows: usize, offset: usize| -> Tensor<2> {
+        let mut m = vec![0f32; nrows * n];
+        let mut pos_in_row = vec![0usize; rows];
+        for (i, &o) in owner.iter().enumerate() {
+            let j = pos_in_row[o];
+            pos_in_row[o] += 1;
+            if o >= offset && o < offset + nrows && f(o - offset, j) {
+                m[(o - offset) * n + i] = 1.0;
+            }
+        }
+        Tensor::<2>::from_data(TensorData::new(m, [nrows, n]), device)
+    };
+    if !pairwise {
+        let all = Tensor::<2>::ones([1, n], device);
+        let loss = objectives::sft(lp.reshape([1, n]), all)
+            .mul_scalar(n as f64 / step_tokens.max(1) as f64);
+        return Ok(MicroOut {
+            loss,
+            pair: None,
+            mean_pc: 0.0,
+            mean_pr: 0.0,
+            tokens,
+        });
+    }
+    let b = batch.len();
+    let lp_rows = lp.reshape([1, n]).repeat_dim(0, b);
+    let member_c = mask_of(&|_, _| true, b, 0);
+    let member_r = mask_of(&|_, _| true, b, b);
+    let pc = objectives::masked_sum(lp_rows.clone(), member_c.clone());
+    let pr = objectives::masked_sum(lp_rows.clone(), member_r.clone());
+    let host = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [b]), device);
+    let nc = host(batch.iter().map(|e| e.chosen.len() as f32).collect());
+    let nr = host(batch.iter().map(|e| e.rejected.len() as f32).collect());
+    let rc = host(batch.iter().map(|e| e.ref_chosen).collect());
+    let rr = host(batch.iter().map(|e| e.ref_rejected).collect());
+    let mean_pc = scalar(&pc.clone().mean());
+    let mean_pr = scalar(&pr.clone().mean());
+    let pl = match spec.objective {
+        Objective::Dpo => objectives::dpo(pc, pr, rc, rr, spec.beta, spec.label_smoothing),
+        Objective::Ipo => objectives::ipo(pc, pr, rc, rr, nc, nr, spec.beta),
+        Objective::Simpo => objectives::simpo(pc, pr, nc, nr, spec.beta, spec.margin),
+        Objective::Sepo => {
+            let key = |mask: &Option<Vec<bool>>, j: usize| {
+                mask.as_ref()
+                    .is_some_and(|m| m.get(j).copied().unwrap_or(false))
+            };
+            let kc = mask_of(&|row, j| key(&batch[row].chosen_mask, j), b, 0);
+            let kr = mask_of(&|row, j| key(&batch[row].rejected_mask, j), b, b);
+            objectives::sepo(lp_rows.clone(), kc, lp_rows, kr, spec.gamma, spec.margin)
+        }
+        Objective::Sft => unreachable!("handled above"),
+    };
+    Ok(MicroOut {
+        loss: pl.loss.clone(),
+        pair: Some(pl),
+        mean_pc,
+        mean_pr,
+        tokens,
+    })
+}

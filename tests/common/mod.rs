@@ -1,0 +1,92 @@
+//! Helpers for the end-to-end tests: run the real `sepo` binary on pipelines written to a temp dir.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A repo file's absolute path, for YAML written elsewhere.
+pub fn data(rel: &str) -> String {
+    repo().join(rel).display().to_string()
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn sepo(args: &[&str]) -> Run {
+    sepo_env(args, &[])
+}
+
+pub fn sepo_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sepo"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out: Output = cmd.output().expect("sepo runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Writes `yaml` as `dir/p.yaml` and returns its path.
+pub fn pipeline(dir: &Path, yaml: &str) -> String {
+    let p = dir.join("p.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    p.display().to_string()
+}
+
+/// The small pipeline most tests use: ingest, tokenizer, tokenize on real UltraFeedback rows.
+pub fn small_yaml(extra_tokenize: &str) -> String {
+    format!(
+        "name: small\nstages:\n  pairs: {{kind: ingest, format: ultrafeedback, path: {}, test_fraction: 0.1}}\n  tok: {{kind: tokenizer, path: {}}}\n  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 128{extra_tokenize}}}\n",
+        data("data/ultrafeedback/h4_schema_200.jsonl"),
+        data("data/tokenizers/gpt2/tokenizer.json"),
+    )
+}
+
+/// `sepo status --json` as (stage, state, hash) triples.
+pub fn status(p: &str) -> Vec<(String, String, String)> {
+    let r = sepo(&["status", p, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_string(),
+                s["state"].as_str().unwrap().to_string(),
+                s["hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every artifact folder in a cache (kind/hash), ignoring tmp and state.
+pub fn artifacts(cache: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(kinds) = std::fs::read_dir(cache) else {
+        return out;
+    };
+    for k in kinds.flatten() {
+        let name = k.file_name().to_string_lossy().into_owned();
+        if name == "tmp" || name.starts_with('.') {
+            continue;
+        }
+        for h in std::fs::read_dir(k.path()).unwrap().flatten() {
+            out.push(format!("{name}/{}", h.file_name().to_string_lossy()));
+        }
+    }
+    out.sort();
+    out
+}
