@@ -139,6 +139,9 @@ pub enum Command {
         cache: Option<PathBuf>,
         #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
         set: Vec<String>,
+        /// Accepted like every command that takes a pipeline; generate logs nothing anyway.
+        #[arg(long, short)]
+        quiet: bool,
     },
 }
 
@@ -381,6 +384,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             device,
             cache,
             set,
+            quiet: _,
         } => {
             let (dir, device_name) = match (&model, target.as_slice()) {
                 (Some(m), []) => (m.clone(), device.unwrap_or_else(|| "auto".into())),

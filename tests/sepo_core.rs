@@ -322,6 +322,7 @@ fn export_and_generate() {
         "Once upon a time",
         "--max-new-tokens",
         "8",
+        "--quiet",
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.starts_with("Once upon a time"), "{}", r.stdout);
