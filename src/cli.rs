@@ -288,10 +288,21 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Gc { p, dry_run } => {
             let plan = Plan::new(load(&p)?)?;
             let keep: Vec<PathBuf> = plan.stages.iter().map(|s| plan.artifact_dir(s)).collect();
+            let current: Vec<&str> = plan.stages.iter().map(|s| s.hash.as_str()).collect();
             let mut freed = 0u64;
             let mut n = 0;
-            for (_, _, dir) in plan.store.list()? {
+            for (kind, hash, dir) in plan.store.list()? {
                 if keep.contains(&dir) {
+                    continue;
+                }
+                // Derived artifacts (cached log-probs) stay while everything they came from is current.
+                if kind == "logprobs"
+                    && let Ok(m) = plan.store.manifest(&kind, &hash)
+                    && m.inputs.as_object().is_some_and(|o| {
+                        o.values()
+                            .all(|h| h.as_str().is_some_and(|h| current.contains(&h)))
+                    })
+                {
                     continue;
                 }
                 let size = dir_size(&dir);

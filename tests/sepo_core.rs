@@ -176,6 +176,15 @@ fn reference_logprobs_are_computed_once_and_shared() {
         .filter(|a| a.starts_with("logprobs/"))
         .count();
     assert_eq!(cached, 1);
+    // gc keeps cached log-probs whose model and data are current stages.
+    let r = sepo(&["gc", &p]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stdout.contains("logprobs"), "{}", r.stdout);
+    let cached = artifacts(&dir.path().join("cache"))
+        .into_iter()
+        .filter(|a| a.starts_with("logprobs/"))
+        .count();
+    assert_eq!(cached, 1);
 }
 
 #[test]
