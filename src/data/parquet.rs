@@ -139,18 +139,25 @@ impl Reader<'_> {
             .collect())
     }
 
-    pub fn u32_lists(&self, name: &str) -> Result<Vec<Vec<u32>>> {
+    /// Each row of a list column, its elements converted by `elems` (a null list is empty).
+    fn lists<T>(
+        &self,
+        name: &str,
+        elems: impl Fn(&Series) -> Result<Vec<T>>,
+    ) -> Result<Vec<Vec<T>>> {
         let lc = self.col(name)?.list()?;
         (0..lc.len())
-            .map(|i| match lc.get_as_series(i) {
-                Some(s) => Ok(s
-                    .cast(&DataType::UInt32)?
-                    .u32()?
-                    .into_no_null_iter()
-                    .collect()),
-                None => Ok(Vec::new()),
-            })
+            .map(|i| lc.get_as_series(i).map_or(Ok(Vec::new()), |s| elems(&s)))
             .collect()
+    }
+
+    pub fn u32_lists(&self, name: &str) -> Result<Vec<Vec<u32>>> {
+        self.lists(name, |s| {
+            Ok(s.cast(&DataType::UInt32)?
+                .u32()?
+                .into_no_null_iter()
+                .collect())
+        })
     }
 
     pub fn messages(&self, name: &str) -> Result<Vec<Vec<(String, String)>>> {
@@ -249,28 +256,19 @@ pub fn any_to_json(v: &AnyValue) -> Value {
 
 impl Reader<'_> {
     pub fn f32_lists(&self, name: &str) -> Result<Vec<Vec<f32>>> {
-        let lc = self.col(name)?.list()?;
-        (0..lc.len())
-            .map(|i| match lc.get_as_series(i) {
-                Some(s) => Ok(s
-                    .cast(&DataType::Float32)?
-                    .f32()?
-                    .iter()
-                    .map(|x| x.unwrap_or(f32::NAN))
-                    .collect()),
-                None => Ok(Vec::new()),
-            })
-            .collect()
+        self.lists(name, |s| {
+            Ok(s.cast(&DataType::Float32)?
+                .f32()?
+                .iter()
+                .map(|x| x.unwrap_or(f32::NAN))
+                .collect())
+        })
     }
 
     pub fn bool_lists(&self, name: &str) -> Result<Vec<Vec<bool>>> {
-        let lc = self.col(name)?.list()?;
-        (0..lc.len())
-            .map(|i| match lc.get_as_series(i) {
-                Some(s) => Ok(s.bool()?.iter().map(|x| x.unwrap_or(false)).collect()),
-                None => Ok(Vec::new()),
-            })
-            .collect()
+        self.lists(name, |s| {
+            Ok(s.bool()?.iter().map(|x| x.unwrap_or(false)).collect())
+        })
     }
 
     pub fn has(&self, name: &str) -> bool {
