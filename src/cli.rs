@@ -295,8 +295,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 if keep.contains(&dir) {
                     continue;
                 }
-                // Derived artifacts (cached log-probs) stay while everything they came from is current.
-                if kind == "logprobs"
+                // Derived artifacts (kinds no stage has, e.g. cached log-probs) stay while
+                // everything they came from is current.
+                if crate::stages::lookup(&kind).is_none()
                     && let Ok(m) = plan.store.manifest(&kind, &hash)
                     && m.inputs.as_object().is_some_and(|o| {
                         o.values()

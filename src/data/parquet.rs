@@ -160,36 +160,50 @@ impl Reader<'_> {
         })
     }
 
+    pub fn f32_lists(&self, name: &str) -> Result<Vec<Vec<f32>>> {
+        self.lists(name, |s| {
+            Ok(s.cast(&DataType::Float32)?
+                .f32()?
+                .iter()
+                .map(|x| x.unwrap_or(f32::NAN))
+                .collect())
+        })
+    }
+
+    pub fn bool_lists(&self, name: &str) -> Result<Vec<Vec<bool>>> {
+        self.lists(name, |s| {
+            Ok(s.bool()?.iter().map(|x| x.unwrap_or(false)).collect())
+        })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.df.column(name).is_ok()
+    }
+
     pub fn messages(&self, name: &str) -> Result<Vec<Vec<(String, String)>>> {
-        let lc = self.col(name)?.list()?;
-        (0..lc.len())
-            .map(|i| {
-                let Some(s) = lc.get_as_series(i) else {
-                    return Ok(Vec::new());
-                };
-                let st = s.struct_()?;
-                let fields = st.fields_as_series();
-                let role = fields
-                    .iter()
-                    .find(|f| f.name() == "role")
-                    .ok_or_else(|| anyhow!("no role"))?;
-                let content = fields
-                    .iter()
-                    .find(|f| f.name() == "content")
-                    .ok_or_else(|| anyhow!("no content"))?;
-                Ok(role
-                    .str()?
-                    .iter()
-                    .zip(content.str()?.iter())
-                    .map(|(r, c)| {
-                        (
-                            r.unwrap_or_default().to_string(),
-                            c.unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect())
-            })
-            .collect()
+        self.lists(name, |s| {
+            let st = s.struct_()?;
+            let fields = st.fields_as_series();
+            let role = fields
+                .iter()
+                .find(|f| f.name() == "role")
+                .ok_or_else(|| anyhow!("no role"))?;
+            let content = fields
+                .iter()
+                .find(|f| f.name() == "content")
+                .ok_or_else(|| anyhow!("no content"))?;
+            Ok(role
+                .str()?
+                .iter()
+                .zip(content.str()?.iter())
+                .map(|(r, c)| {
+                    (
+                        r.unwrap_or_default().to_string(),
+                        c.unwrap_or_default().to_string(),
+                    )
+                })
+                .collect())
+        })
     }
 }
 
@@ -251,27 +265,5 @@ pub fn any_to_json(v: &AnyValue) -> Value {
             )
         }
         other => Value::String(other.to_string()),
-    }
-}
-
-impl Reader<'_> {
-    pub fn f32_lists(&self, name: &str) -> Result<Vec<Vec<f32>>> {
-        self.lists(name, |s| {
-            Ok(s.cast(&DataType::Float32)?
-                .f32()?
-                .iter()
-                .map(|x| x.unwrap_or(f32::NAN))
-                .collect())
-        })
-    }
-
-    pub fn bool_lists(&self, name: &str) -> Result<Vec<Vec<bool>>> {
-        self.lists(name, |s| {
-            Ok(s.bool()?.iter().map(|x| x.unwrap_or(false)).collect())
-        })
-    }
-
-    pub fn has(&self, name: &str) -> bool {
-        self.df.column(name).is_ok()
     }
 }
