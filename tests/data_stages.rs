@@ -42,11 +42,11 @@ fn ultrafeedback_h4_message_lists_without_prompt() {
     );
     run_ok(&p);
     let pairs = read_pairs(&artifact(&p, "pairs").join("pairs.parquet")).unwrap();
-    // 500 rows, one of which has identical answers (SOURCES.md).
-    assert_eq!(pairs.len(), 499);
+    // 500 rows: one has identical answers, two an empty answer (SOURCES.md).
+    assert_eq!(pairs.len(), 497);
     assert_eq!(
-        manifest(&p, "pairs")["stats"]["dropped"]["identical_responses"],
-        1
+        manifest(&p, "pairs")["stats"]["dropped"],
+        serde_json::json!({"identical_responses": 1, "empty_response": 2})
     );
     let first = &pairs[0];
     assert_eq!(first.prompt.len(), 1);
@@ -60,7 +60,7 @@ fn ultrafeedback_h4_message_lists_without_prompt() {
     assert_eq!(first.score_chosen, None);
     assert_eq!(first.id.len(), 16, "content id");
     let test = pairs.iter().filter(|p| p.split == "test").count();
-    assert!((60..140).contains(&test), "{test} test rows of 499 at 0.2");
+    assert!((60..140).contains(&test), "{test} test rows of 497 at 0.2");
 }
 
 #[test]
@@ -123,8 +123,9 @@ fn hh_rlhf_gzip_with_glob() {
     let pairs = read_pairs(&artifact(&p, "pairs").join("pairs.parquet")).unwrap();
     let stats = &manifest(&p, "pairs")["stats"];
     assert_eq!(stats["rows_read"], 2354);
-    // SOURCES.md: 2 rows of helpful-base test have chosen == rejected.
+    // SOURCES.md: 2 rows of helpful-base test have chosen == rejected, 4 an empty answer.
     assert_eq!(stats["dropped"]["identical_responses"], 2);
+    assert_eq!(stats["dropped"]["empty_response"], 4);
     let dropped: u64 = stats["dropped"]
         .as_object()
         .unwrap()

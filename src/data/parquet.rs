@@ -8,6 +8,7 @@ use polars::prelude::*;
 use serde_json::Value;
 
 use crate::error::user;
+use crate::user_bail;
 
 /// Reads a whole Parquet file.
 pub fn read(path: &Path) -> Result<DataFrame> {
@@ -207,7 +208,9 @@ impl Reader<'_> {
     }
 }
 
-/// Every row as a JSON object (for ingesting user Parquet with the same code as JSON Lines).
+/// Every row as a JSON object, for `sepo show` on artifacts (which hold only types sepo writes).
+/// Lenient: bytes that are not UTF-8 are shown with replacement characters, and a type without a
+/// JSON form as its Polars text.
 pub fn rows_as_json(df: &DataFrame) -> Result<Vec<Value>> {
     let names: Vec<String> = df
         .get_column_names()
@@ -224,13 +227,27 @@ pub fn rows_as_json(df: &DataFrame) -> Result<Vec<Value>> {
     Ok(rows.into_iter().map(Value::Object).collect())
 }
 
-/// One Polars value as JSON (nested lists and structs included).
+/// One Polars value as JSON (nested lists and structs included), lenient as [`rows_as_json`].
 pub fn any_to_json(v: &AnyValue) -> Value {
-    match v {
+    to_json(v).unwrap_or_else(|e| match e {
+        NotJson::Bytes(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
+        NotJson::Type => Value::String(v.to_string()),
+    })
+}
+
+/// Why a value has no JSON form.
+enum NotJson {
+    /// Binary data that is not UTF-8 text (the bytes, for a lenient caller).
+    Bytes(Vec<u8>),
+    /// A type sepo does not convert (not reached for columns `unreadable_part` lets through).
+    Type,
+}
+
+fn to_json(v: &AnyValue) -> std::result::Result<Value, NotJson> {
+    let number = |x: f64| serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number);
+    Ok(match v {
         AnyValue::Null => Value::Null,
         AnyValue::Boolean(b) => Value::Bool(*b),
-        AnyValue::String(s) => Value::String(s.to_string()),
-        AnyValue::StringOwned(s) => Value::String(s.to_string()),
         AnyValue::UInt8(x) => Value::from(*x),
         AnyValue::UInt16(x) => Value::from(*x),
         AnyValue::UInt32(x) => Value::from(*x),
@@ -239,19 +256,24 @@ pub fn any_to_json(v: &AnyValue) -> Value {
         AnyValue::Int16(x) => Value::from(*x),
         AnyValue::Int32(x) => Value::from(*x),
         AnyValue::Int64(x) => Value::from(*x),
-        AnyValue::Float32(x) => {
-            serde_json::Number::from_f64(f64::from(*x)).map_or(Value::Null, Value::Number)
-        }
-        AnyValue::Float64(x) => serde_json::Number::from_f64(*x).map_or(Value::Null, Value::Number),
-        AnyValue::List(s) => Value::Array(s.iter().map(|x| any_to_json(&x)).collect()),
+        AnyValue::Float32(x) => number(f64::from(*x)),
+        AnyValue::Float64(x) => number(*x),
+        // Text stored as bytes (some writers do that) is text to sepo, never `b"..."`.
+        AnyValue::Binary(b) => bytes_to_json(b)?,
+        AnyValue::BinaryOwned(b) => bytes_to_json(b)?,
+        AnyValue::List(s) => Value::Array(
+            s.iter()
+                .map(|x| to_json(&x))
+                .collect::<std::result::Result<_, _>>()?,
+        ),
         AnyValue::Struct(_, _, fields) => {
             let vals: Vec<AnyValue> = v._iter_struct_av().collect();
             Value::Object(
                 fields
                     .iter()
                     .zip(vals.iter())
-                    .map(|(f, x)| (f.name().to_string(), any_to_json(x)))
-                    .collect(),
+                    .map(|(f, x)| Ok((f.name().to_string(), to_json(x)?)))
+                    .collect::<std::result::Result<_, _>>()?,
             )
         }
         AnyValue::StructOwned(b) => {
@@ -260,10 +282,209 @@ pub fn any_to_json(v: &AnyValue) -> Value {
                 fields
                     .iter()
                     .zip(vals.iter())
-                    .map(|(f, x)| (f.name().to_string(), any_to_json(x)))
-                    .collect(),
+                    .map(|(f, x)| Ok((f.name().to_string(), to_json(x)?)))
+                    .collect::<std::result::Result<_, _>>()?,
             )
         }
-        other => Value::String(other.to_string()),
+        // Strings, and categoricals (pandas' `category` columns) by their text.
+        other => match other.get_str() {
+            Some(s) => Value::String(s.to_string()),
+            None => return Err(NotJson::Type),
+        },
+    })
+}
+
+fn bytes_to_json(b: &[u8]) -> std::result::Result<Value, NotJson> {
+    match std::str::from_utf8(b) {
+        Ok(s) => Ok(Value::String(s.to_string())),
+        Err(_) => Err(NotJson::Bytes(b.to_vec())),
+    }
+}
+
+/// Reads a user's Parquet file as JSON rows, in file order. Only the columns in `columns` are read
+/// (all when `None`); a name there may be `struct.field` to read `struct` only when it has that
+/// field. Columns a format does not use are never decoded, so their types do not matter; a used
+/// column of a type sepo cannot decode is an input error naming file, column and type.
+pub fn read_rows(path: &Path, columns: Option<&[&str]>) -> Result<Vec<Value>> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| user(format!("{}: cannot open: {e}", path.display())))?;
+    let unreadable = |e: PolarsError| {
+        user(format!(
+            "{}: not a readable Parquet file: {e}",
+            path.display()
+        ))
+    };
+    let mut reader = ParquetReader::new(f);
+    let schema = reader.schema().map_err(unreadable)?;
+    let wanted: Vec<String> = schema
+        .iter()
+        .filter(|(name, field)| {
+            columns.is_none_or(|cols| {
+                cols.iter().any(|c| match c.split_once('.') {
+                    Some((top, sub)) => {
+                        top == name.as_str()
+                            && matches!(field.dtype(), ArrowDataType::Struct(fs)
+                                if fs.iter().any(|f| f.name.as_str() == sub))
+                    }
+                    None => *c == name.as_str(),
+                })
+            })
+        })
+        .map(|(name, _)| name.to_string())
+        .collect();
+    for name in &wanted {
+        let Some(dtype) = schema.get(name.as_str()).map(|f| f.dtype()) else {
+            continue;
+        };
+        if let Some((part, bad)) = unreadable_part(dtype, name) {
+            let at = if part == *name {
+                String::new()
+            } else {
+                format!(" ({} at `{part}`)", type_name(bad))
+            };
+            user_bail!(
+                "{}: column `{name}` has type {}{at}, which sepo cannot read; cast it to a type it \
+                 reads (string, binary, bool, int32, int64, float32, float64, or lists and structs \
+                 of these) or drop the column",
+                path.display(),
+                type_name(dtype)
+            );
+        }
+    }
+    if wanted.is_empty() {
+        // No column to decode, but the rows still count (each misses every field).
+        let n = reader.num_rows().map_err(unreadable)?;
+        return Ok(vec![Value::Object(serde_json::Map::new()); n]);
+    }
+    let df = reader
+        .with_columns(Some(wanted))
+        .finish()
+        .map_err(unreadable)?;
+    let mut rows: Vec<serde_json::Map<String, Value>> = vec![serde_json::Map::new(); df.height()];
+    for col in df.columns() {
+        let s = col.as_materialized_series();
+        for (i, row) in rows.iter_mut().enumerate() {
+            let v = s.get(i).map_err(unreadable)?;
+            let json = to_json(&v).map_err(|e| match e {
+                NotJson::Bytes(_) => user(format!(
+                    "{} row {}: column `{}` holds bytes that are not UTF-8 text",
+                    path.display(),
+                    i + 1,
+                    s.name()
+                )),
+                NotJson::Type => user(format!(
+                    "{}: column `{}` has type {}, which sepo cannot read",
+                    path.display(),
+                    s.name(),
+                    s.dtype()
+                )),
+            })?;
+            row.insert(s.name().to_string(), json);
+        }
+    }
+    Ok(rows.into_iter().map(Value::Object).collect())
+}
+
+/// The column names of a Parquet file (from its footer), for messages about missing fields.
+pub fn column_names(path: &Path) -> Result<Vec<String>> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| user(format!("{}: cannot open: {e}", path.display())))?;
+    let schema = ParquetReader::new(f).schema().map_err(|e| {
+        user(format!(
+            "{}: not a readable Parquet file: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(schema.iter().map(|(n, _)| n.to_string()).collect())
+}
+
+/// The first part of a column (itself, or a nested field as `a.b` / `a[]`) whose type Polars, as
+/// built here, cannot turn into a Series: decoding such a column fails or panics inside Polars, so
+/// it is refused before it is read.
+fn unreadable_part<'a>(
+    dtype: &'a ArrowDataType,
+    path: &str,
+) -> Option<(String, &'a ArrowDataType)> {
+    use ArrowDataType as A;
+    match dtype {
+        A::Null
+        | A::Boolean
+        | A::Int32
+        | A::Int64
+        | A::UInt8
+        | A::UInt16
+        | A::UInt32
+        | A::UInt64
+        | A::Float32
+        | A::Float64
+        | A::Utf8
+        | A::LargeUtf8
+        | A::Utf8View
+        | A::Binary
+        | A::LargeBinary
+        | A::BinaryView
+        | A::FixedSizeBinary(_) => None,
+        A::List(f) | A::LargeList(f) => unreadable_part(f.dtype(), &format!("{path}[]")),
+        A::Struct(fields) if !fields.is_empty() => fields
+            .iter()
+            .find_map(|f| unreadable_part(f.dtype(), &format!("{path}.{}", f.name))),
+        A::Dictionary(_, values, _) if matches!(**values, A::Utf8 | A::LargeUtf8 | A::Utf8View) => {
+            None
+        }
+        other => Some((path.to_string(), other)),
+    }
+}
+
+/// A Parquet/Arrow type as users know it from pyarrow.
+fn type_name(dtype: &ArrowDataType) -> String {
+    use ArrowDataType as A;
+    let unit = |u: &ArrowTimeUnit| match u {
+        ArrowTimeUnit::Second => "s",
+        ArrowTimeUnit::Millisecond => "ms",
+        ArrowTimeUnit::Microsecond => "us",
+        ArrowTimeUnit::Nanosecond => "ns",
+    };
+    match dtype {
+        A::Null => "null".into(),
+        A::Boolean => "bool".into(),
+        A::Int8 => "int8".into(),
+        A::Int16 => "int16".into(),
+        A::Int32 => "int32".into(),
+        A::Int64 => "int64".into(),
+        A::Int128 => "int128".into(),
+        A::UInt8 => "uint8".into(),
+        A::UInt16 => "uint16".into(),
+        A::UInt32 => "uint32".into(),
+        A::UInt64 => "uint64".into(),
+        A::UInt128 => "uint128".into(),
+        A::Float16 => "float16".into(),
+        A::Float32 => "float32".into(),
+        A::Float64 => "float64".into(),
+        A::Utf8 | A::LargeUtf8 | A::Utf8View => "string".into(),
+        A::Binary | A::LargeBinary | A::BinaryView => "binary".into(),
+        A::FixedSizeBinary(n) => format!("fixed_size_binary[{n}]"),
+        A::Date32 => "date32".into(),
+        A::Date64 => "date64".into(),
+        A::Timestamp(u, None) => format!("timestamp[{}]", unit(u)),
+        A::Timestamp(u, Some(tz)) => format!("timestamp[{}, tz={tz}]", unit(u)),
+        A::Time32(u) | A::Time64(u) => format!("time[{}]", unit(u)),
+        A::Duration(u) => format!("duration[{}]", unit(u)),
+        A::Decimal(p, s) | A::Decimal32(p, s) | A::Decimal64(p, s) | A::Decimal256(p, s) => {
+            format!("decimal({p}, {s})")
+        }
+        A::List(f) | A::LargeList(f) => format!("list<{}>", type_name(f.dtype())),
+        A::FixedSizeList(f, n) => format!("fixed_size_list<{}>[{n}]", type_name(f.dtype())),
+        A::Struct(fields) => format!(
+            "struct<{}>",
+            fields
+                .iter()
+                .map(|f| format!("{}: {}", f.name, type_name(f.dtype())))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        A::Map(..) => "map".into(),
+        A::Dictionary(_, values, _) => format!("dictionary<{}>", type_name(values)),
+        A::Extension(ext) => format!("extension<{}>", ext.name),
+        other => format!("{other:?}").to_lowercase(),
     }
 }

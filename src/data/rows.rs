@@ -84,7 +84,18 @@ pub fn expand(pattern: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Calls `f` on every row of `path`, in file order.
-pub fn for_each_row(path: &Path, mut f: impl FnMut(Location, Value) -> Result<()>) -> Result<()> {
+pub fn for_each_row(path: &Path, f: impl FnMut(Location, Value) -> Result<()>) -> Result<()> {
+    for_each_row_in(path, None, f)
+}
+
+/// [`for_each_row`] reading only `fields` where the file type allows it (Parquet: the other
+/// columns are never decoded, so a column sepo cannot read does no harm unless it is used; see
+/// [`super::parquet::read_rows`]). JSON rows keep every key.
+pub fn for_each_row_in(
+    path: &Path,
+    fields: Option<&[&str]>,
+    mut f: impl FnMut(Location, Value) -> Result<()>,
+) -> Result<()> {
     let loc = |index, is_line| Location {
         file: path.to_path_buf(),
         index,
@@ -126,8 +137,10 @@ pub fn for_each_row(path: &Path, mut f: impl FnMut(Location, Value) -> Result<()
             }
         }
         FileType::Parquet => {
-            let df = super::parquet::read(path)?;
-            for (i, r) in super::parquet::rows_as_json(&df)?.into_iter().enumerate() {
+            for (i, r) in super::parquet::read_rows(path, fields)?
+                .into_iter()
+                .enumerate()
+            {
                 f(loc(i + 1, false), r)?;
             }
         }
