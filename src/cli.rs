@@ -7,11 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use crate::error::{exit_code, render};
+use crate::error::{clip, exit_code, render};
 use crate::pipeline::Pipeline;
 use crate::pipeline::executor::{self, Plan, RunOptions};
-use crate::pipeline::hash::hash_file;
-use crate::pipeline::store::MANIFEST;
 use crate::progress::Progress;
 use crate::user_bail;
 
@@ -139,7 +137,7 @@ pub enum Command {
         cache: Option<PathBuf>,
         #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
         set: Vec<String>,
-        /// Accepted like every command that takes a pipeline; generate logs nothing anyway.
+        /// No notes on stderr (e.g. that --max-new-tokens was lowered to fit the context).
         #[arg(long, short)]
         quiet: bool,
     },
@@ -176,10 +174,105 @@ fn load(p: &PipelineArgs) -> Result<Pipeline> {
     if let Some(c) = &p.cache {
         pipeline.cache = c.clone();
     }
+    check_cache_path(
+        &pipeline.cache,
+        if p.cache.is_some() {
+            "--cache"
+        } else {
+            "`cache`"
+        },
+    )?;
     for s in &p.set {
         pipeline.apply_set(s)?;
     }
     Ok(pipeline)
+}
+
+/// The cache must be a folder or a path where one can be made. A regular file there (or above
+/// it) is the user's mistake, said plainly by every command instead of a failed `mkdir` in
+/// `run` or an all-stale `status`.
+fn check_cache_path(cache: &Path, from: &str) -> Result<()> {
+    for a in cache.ancestors() {
+        if a.as_os_str().is_empty() || !a.exists() {
+            continue;
+        }
+        if a.is_dir() {
+            return Ok(());
+        }
+        if a == cache {
+            user_bail!(
+                "{from} {}: is a file; the cache must be a folder (it holds the artifacts)",
+                cache.display()
+            );
+        }
+        user_bail!(
+            "{from} {}: {} is a file, so no cache folder can be made there",
+            cache.display(),
+            a.display()
+        );
+    }
+    Ok(())
+}
+
+/// `p` as an absolute path with symbolic links resolved as far as it exists, so that two
+/// spellings of one folder compare equal.
+fn real_path(p: &Path) -> PathBuf {
+    let abs = crate::pipeline::spec::normalize(&if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    });
+    let mut existing = abs.as_path();
+    let mut missing = Vec::new();
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(existing) {
+            real.extend(missing.iter().rev());
+            return real;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuses a device that is unknown or absent, but only when a stage that would run computes on
+/// it (`model`, `train`, `score`): a data-only pipeline runs whatever `device:` says. Checked
+/// before anything runs, so a bad device never fails a run halfway.
+fn check_device(
+    plan: &Plan,
+    targets: &[String],
+    from: Option<&str>,
+    force: bool,
+    device: &str,
+) -> Result<()> {
+    let preview = RunOptions {
+        targets: targets.to_vec(),
+        from: from.map(str::to_string),
+        force,
+        dry_run: true,
+        device: device.to_string(),
+        ..RunOptions::default()
+    };
+    let report = executor::run(plan, &preview, &Progress::new(true))?;
+    let user = report
+        .iter()
+        .filter(|(_, action)| *action == "run")
+        .filter_map(|(name, _)| plan.get(name).ok())
+        .find(|s| crate::stages::uses_device(s.kind.kind));
+    if let Some(s) = user {
+        crate::device::parse_device(device).map_err(|e| {
+            crate::error::user(format!(
+                "{e} (stage `{}` ({}) would run on it; pick another with `device:` or --device)",
+                clip(&s.name),
+                s.kind.kind
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 fn dispatch(cli: Cli) -> Result<i32> {
@@ -198,6 +291,17 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let device = device.unwrap_or_else(|| pipeline.device.clone());
             let plan = Plan::new(pipeline)?;
             let progress = Progress::new(p.quiet);
+            if !dry_run {
+                check_device(&plan, &stages, from.as_deref(), force, &device)?;
+            }
+            if !dry_run {
+                plan.store.prepare()?;
+                // Only so that `gc` from another pipeline keeps this one's artifacts: a cache
+                // that cannot record it still builds.
+                if let Err(e) = crate::pipeline::gc::register(&plan, p.cache.as_deref(), &p.set) {
+                    progress.log(format!("warning: {}", render(&e)));
+                }
+            }
             let opts = RunOptions {
                 targets: stages,
                 from,
@@ -279,7 +383,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 writeln!(stdout, "{}", dir.display())?;
                 return Ok(0);
             }
-            show(&mut stdout, &plan, &stage, &dir, rows, json)?;
+            show(&mut stdout, &plan, &stage, rows, json)?;
         }
         Command::Dag { p, format } => {
             let plan = Plan::new(load(&p)?)?;
@@ -287,44 +391,26 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Gc { p, dry_run } => {
             let plan = Plan::new(load(&p)?)?;
-            let keep: Vec<PathBuf> = plan.stages.iter().map(|s| plan.artifact_dir(s)).collect();
-            let current: Vec<&str> = plan.stages.iter().map(|s| s.hash.as_str()).collect();
-            let mut freed = 0u64;
-            let mut n = 0;
-            for (kind, hash, dir) in plan.store.list()? {
-                if keep.contains(&dir) {
-                    continue;
-                }
-                // Derived artifacts (kinds no stage has, e.g. cached log-probs) stay while
-                // everything they came from is current.
-                if crate::stages::lookup(&kind).is_none()
-                    && let Ok(m) = plan.store.manifest(&kind, &hash)
-                    && m.inputs.as_object().is_some_and(|o| {
-                        o.values()
-                            .all(|h| h.as_str().is_some_and(|h| current.contains(&h)))
-                    })
-                {
-                    continue;
-                }
-                let size = dir_size(&dir);
-                freed += size;
-                n += 1;
-                writeln!(
-                    stdout,
-                    "{} {}",
-                    if dry_run { "would delete" } else { "deleted" },
-                    dir.display()
-                )?;
-                if !dry_run {
-                    std::fs::remove_dir_all(&dir)
-                        .with_context(|| format!("{}: cannot delete", dir.display()))?;
-                }
-            }
+            let report = crate::pipeline::gc::collect(&plan, dry_run, &mut stdout)?;
             if !p.quiet {
+                for n in &report.notes {
+                    eprintln!("{n}");
+                }
+                let freed: u64 = report.deleted.iter().map(|d| d.1).sum();
                 eprintln!(
-                    "{n} artifact(s), {:.1} MB{}",
+                    "{} entr{}, {:.1} MB{}",
+                    report.deleted.len(),
+                    if report.deleted.len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    },
                     freed as f64 / 1e6,
-                    if dry_run { " (dry run)" } else { "" }
+                    if dry_run {
+                        " (dry run: nothing deleted)"
+                    } else {
+                        " deleted"
+                    }
                 );
             }
         }
@@ -336,8 +422,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     writeln!(stdout, "{:<16} missing", s.name)?;
                     continue;
                 }
-                let dir = plan.artifact_dir(s);
-                let problems = verify_artifact(&dir)?;
+                let problems = plan.store.verify(s.kind.kind, &s.hash)?;
                 if problems.is_empty() {
                     writeln!(stdout, "{:<16} ok", s.name)?;
                 } else {
@@ -349,7 +434,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
             }
             if bad > 0 {
                 eprintln!(
-                    "error: {bad} artifact(s) changed since they were written; rebuild with `sepo run --force`"
+                    "error: {bad} artifact(s) changed since they were written; rebuild with `sepo run {} --from STAGE`",
+                    plan.pipeline.file.display()
                 );
                 return Ok(1);
             }
@@ -357,6 +443,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Export { p, stage, out } => {
             let plan = Plan::new(load(&p)?)?;
             let dir = model_dir_of(&plan, &stage)?;
+            // The cache is sepo's: `gc` deletes what no stage points to, and a folder there
+            // could shadow an artifact. An export is the user's copy, so it goes elsewhere.
+            if real_path(&out).starts_with(real_path(&plan.store.root)) {
+                user_bail!(
+                    "{}: is inside the cache {}; export to a folder outside it",
+                    out.display(),
+                    plan.store.root.display()
+                );
+            }
             if out.exists()
                 && std::fs::read_dir(&out)
                     .map(|mut d| d.next().is_some())
@@ -396,8 +491,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
             device,
             cache,
             set,
-            quiet: _,
+            quiet,
         } => {
+            // Before anything is loaded: bad sampling settings are the cheapest error to give.
+            check_sampling(temperature, top_p)?;
             let (dir, device_name) = match (&model, target.as_slice()) {
                 (Some(m), []) => (m.clone(), device.unwrap_or_else(|| "auto".into())),
                 (None, [pfile, stage]) => {
@@ -414,19 +511,33 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 }
                 _ => user_bail!("give `P.yaml STAGE` or `--model DIR`"),
             };
-            let text = generate(
-                &dir,
-                &device_name,
-                &prompt,
+            let opts = crate::model::GenerateOptions {
                 max_new_tokens,
                 temperature,
                 top_p,
                 seed,
-            )?;
+                eos_token_id: None,
+            };
+            let text = generate(&dir, &device_name, &prompt, opts, quiet)?;
             writeln!(stdout, "{text}")?;
         }
     }
     Ok(0)
+}
+
+/// Refuses to read an artifact that no longer matches its manifest.
+fn check_intact(plan: &Plan, stage: &str) -> Result<()> {
+    let s = plan.get(stage)?;
+    let m = plan.store.manifest(s.kind.kind, &s.hash)?;
+    let problems = plan.store.check(s.kind.kind, &s.hash, &m)?;
+    if !problems.is_empty() {
+        user_bail!(
+            "artifact of stage `{stage}` is damaged: {}. Rebuild it with `sepo run {} --from {stage}`",
+            problems.join("; "),
+            plan.pipeline.file.display()
+        );
+    }
+    Ok(())
 }
 
 /// The `model/` folder of a fresh model or train stage.
@@ -444,32 +555,43 @@ fn model_dir_of(plan: &Plan, stage: &str) -> Result<PathBuf> {
             plan.pipeline.file.display()
         );
     }
+    check_intact(plan, stage)?;
     Ok(plan.artifact_dir(s).join("model"))
 }
 
+/// `--temperature` and `--top-p` as the flags name them (the library checks the same bounds).
+fn check_sampling(temperature: f32, top_p: f32) -> Result<()> {
+    if !temperature.is_finite() || temperature < 0.0 {
+        user_bail!(
+            "--temperature must be a finite number at least 0 (0, the default, is greedy), got {temperature}"
+        );
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        user_bail!("--top-p must be in (0, 1] (1, the default, keeps every token), got {top_p}");
+    }
+    Ok(())
+}
+
+/// Continues `prompt` with the model in `dir`. `opts.max_new_tokens` is lowered to what fits in
+/// the model's context (`max_position_embeddings`), with a note on stderr unless `quiet`; a
+/// prompt that fills the context alone is an input error.
 fn generate(
     dir: &Path,
     device: &str,
     prompt: &str,
-    max_new_tokens: usize,
-    temperature: f32,
-    top_p: f32,
-    seed: u64,
+    mut opts: crate::model::GenerateOptions,
+    quiet: bool,
 ) -> Result<String> {
-    use crate::model::{CausalLm, GenerateOptions};
+    use crate::model::CausalLm;
     if !dir.join("config.json").is_file() {
         user_bail!("{}: not a model folder (no config.json)", dir.display());
     }
-    if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 || temperature < 0.0 {
-        user_bail!("--top-p must be in (0, 1] and --temperature at least 0");
-    }
+    check_sampling(opts.temperature, opts.top_p)?;
     let device =
         crate::device::parse_device(device).map_err(|e| crate::error::user(e.to_string()))?;
     let tok = crate::stages::tokenizer::load(&dir.join("tokenizer.json"))?;
+    let tcfg = crate::template::read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
     let model = CausalLm::load(dir, &device).map_err(|e| crate::error::user(format!("{e:#}")))?;
-    let tcfg: Option<Value> = std::fs::read(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
     let eos = tcfg
         .as_ref()
         .and_then(|c| crate::template::special_token(c, "eos_token"))
@@ -479,13 +601,22 @@ fn generate(
         .encode(prompt, true)
         .map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
     let ids = enc.get_ids().to_vec();
-    let opts = GenerateOptions {
-        max_new_tokens,
-        temperature,
-        top_p,
-        seed,
-        eos_token_id: eos,
-    };
+    if ids.is_empty() {
+        user_bail!(
+            "the prompt encodes to no tokens and the tokenizer adds no BOS: give a --prompt"
+        );
+    }
+    opts.eos_token_id = eos;
+    let context = model.context_length();
+    let budget = opts.new_token_budget(ids.len(), context)?;
+    if budget < opts.max_new_tokens && !quiet {
+        eprintln!(
+            "note: --max-new-tokens {} lowered to {budget}: the prompt's {} tokens and the \
+             continuation must fit in the model's context of {context} (max_position_embeddings)",
+            opts.max_new_tokens,
+            ids.len()
+        );
+    }
     let out = model.generate(&ids, &opts)?;
     let new: Vec<u32> = out.into_iter().filter(|t| Some(*t) != eos).collect();
     let mut all = ids.clone();
@@ -503,69 +634,11 @@ fn generate(
         .unwrap_or(full))
 }
 
-/// Files of an artifact that no longer match its manifest.
-pub fn verify_artifact(dir: &Path) -> Result<Vec<String>> {
-    let m: crate::pipeline::store::Manifest = serde_json::from_slice(
-        &std::fs::read(dir.join(MANIFEST))
-            .with_context(|| format!("{}: no manifest", dir.display()))?,
-    )?;
-    let mut problems = Vec::new();
-    for f in &m.files {
-        let p = dir.join(&f.path);
-        match std::fs::metadata(&p) {
-            Err(_) => problems.push(format!("{}: missing", p.display())),
-            Ok(meta) if meta.len() != f.size => problems.push(format!(
-                "{}: size {} (manifest says {})",
-                p.display(),
-                meta.len(),
-                f.size
-            )),
-            Ok(_) => {
-                if hash_file(&p)? != f.blake3 {
-                    problems.push(format!("{}: content changed", p.display()));
-                }
-            }
-        }
-    }
-    let listed: Vec<String> = m.files.iter().map(|f| f.path.clone()).collect();
-    for f in crate::pipeline::store::describe_files(dir)? {
-        if !listed.contains(&f.path) {
-            problems.push(format!(
-                "{}: not in the manifest",
-                dir.join(&f.path).display()
-            ));
-        }
-    }
-    Ok(problems)
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| {
-                    let p = e.path();
-                    if p.is_dir() {
-                        dir_size(&p)
-                    } else {
-                        e.metadata().map(|m| m.len()).unwrap_or(0)
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-fn show(
-    out: &mut impl Write,
-    plan: &Plan,
-    stage: &str,
-    dir: &Path,
-    rows: usize,
-    json: bool,
-) -> Result<()> {
-    let manifest: crate::pipeline::store::Manifest =
-        serde_json::from_slice(&std::fs::read(dir.join(MANIFEST))?)?;
+fn show(out: &mut impl Write, plan: &Plan, stage: &str, rows: usize, json: bool) -> Result<()> {
+    check_intact(plan, stage)?;
+    let s = plan.get(stage)?;
+    let manifest = plan.store.manifest(s.kind.kind, &s.hash)?;
+    let dir = &plan.artifact_dir(s);
     let Some(main) = manifest.files.iter().find(|f| f.path.ends_with(".parquet")) else {
         if json {
             writeln!(
@@ -602,7 +675,6 @@ fn show(
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        let _ = plan;
         writeln!(out, "{} ({} rows)", file.display(), df.height())?;
         for (n, t) in df.schema().iter() {
             writeln!(out, "  {n}: {t}")?;
@@ -636,32 +708,66 @@ fn write_dag(out: &mut impl Write, plan: &Plan, format: DagFormat) -> Result<()>
             }
         }
         DagFormat::Mermaid => {
+            // A stage name is any YAML key: node ids are the name only when mermaid reads it as
+            // a plain id, else `stage_<position>` (plain ids never hold `_`, so the two cannot
+            // collide); labels are quoted with mermaid's entity codes.
+            let ids: std::collections::HashMap<&str, String> = plan
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.as_str(), mermaid_id(&s.name, i)))
+                .collect();
             writeln!(out, "graph TD")?;
             for s in &plan.stages {
-                writeln!(out, "  {}[\"{} ({})\"]", s.name, s.name, s.kind.kind)?;
+                writeln!(
+                    out,
+                    "  {}[\"{} ({})\"]",
+                    ids[s.name.as_str()],
+                    mermaid_text(&s.name),
+                    mermaid_text(s.kind.kind)
+                )?;
             }
             for s in &plan.stages {
                 for (role, ups) in &s.inputs {
+                    let label = if is_plain_id(role) {
+                        role.clone()
+                    } else {
+                        format!("\"{}\"", mermaid_text(role))
+                    };
                     for u in ups {
-                        writeln!(out, "  {u} -->|{role}| {}", s.name)?;
+                        writeln!(
+                            out,
+                            "  {} -->|{label}| {}",
+                            ids[u.as_str()],
+                            ids[s.name.as_str()]
+                        )?;
                     }
                 }
             }
         }
         DagFormat::Dot => {
-            writeln!(out, "digraph \"{}\" {{", plan.pipeline.name)?;
+            writeln!(out, "digraph {} {{", dot_string(&plan.pipeline.name))?;
             writeln!(out, "  rankdir=LR;")?;
             for s in &plan.stages {
+                // `\n` in a label is graphviz's line break; in the id it is two plain characters.
                 writeln!(
                     out,
-                    "  \"{}\" [label=\"{}\\n({})\"];",
-                    s.name, s.name, s.kind.kind
+                    "  {} [label=\"{}\\n({})\"];",
+                    dot_string(&s.name),
+                    dot_escape(&s.name),
+                    dot_escape(s.kind.kind)
                 )?;
             }
             for s in &plan.stages {
                 for (role, ups) in &s.inputs {
                     for u in ups {
-                        writeln!(out, "  \"{u}\" -> \"{}\" [label=\"{role}\"];", s.name)?;
+                        writeln!(
+                            out,
+                            "  {} -> {} [label={}];",
+                            dot_string(u),
+                            dot_string(&s.name),
+                            dot_string(role)
+                        )?;
                     }
                 }
             }
@@ -669,4 +775,78 @@ fn write_dag(out: &mut impl Write, plan: &Plan, format: DagFormat) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// A DOT double-quoted string's content: `"` and `\` escaped (graphviz reads `\\` as a pair, so
+/// a name ending in a backslash cannot escape the closing quote), line breaks as `\n` and `\r`.
+fn dot_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `s` as a DOT quoted string (an id or an attribute value).
+fn dot_string(s: &str) -> String {
+    format!("\"{}\"", dot_escape(s))
+}
+
+/// Whether mermaid reads `s` as a plain node id: ASCII letters and digits starting with a
+/// letter, and not one of its keywords (`end` would close a block).
+fn is_plain_id(s: &str) -> bool {
+    const KEYWORDS: &[&str] = &[
+        "end",
+        "graph",
+        "flowchart",
+        "subgraph",
+        "direction",
+        "style",
+        "linkstyle",
+        "classdef",
+        "class",
+        "click",
+        "call",
+        "href",
+        "callback",
+        "default",
+        "interpolate",
+        "accdescr",
+        "acctitle",
+    ];
+    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric())
+        && !KEYWORDS.contains(&s.to_ascii_lowercase().as_str())
+}
+
+/// The mermaid node id of the stage at `position` named `name`.
+fn mermaid_id(name: &str, position: usize) -> String {
+    if is_plain_id(name) {
+        name.to_string()
+    } else {
+        format!("stage_{position}")
+    }
+}
+
+/// Text for inside a mermaid `"..."` label: every character that could end the string or be
+/// read as markup becomes an entity code (`#quot;`, `#35;`, ...), line breaks `<br>`.
+fn mermaid_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("#quot;"),
+            '\n' => out.push_str("<br>"),
+            // `#` too, or a name holding `#quot;` would be read as an entity.
+            '#' | '<' | '>' | '&' | '`' => out.push_str(&format!("#{};", c as u32)),
+            c if c.is_control() => out.push_str(&format!("#{};", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }

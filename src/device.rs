@@ -31,7 +31,8 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 parse_index(name, rest)?
             } else {
                 bail!(
-                    "unknown device `{name}`: expected one of auto, cpu, flex, tch-cpu, tch-cuda:N, cuda:N"
+                    "unknown device `{}`: expected one of auto, cpu, flex, tch-cpu, tch-cuda:N, cuda:N",
+                    crate::error::clip(name)
                 )
             };
             tch_cuda_device(name, index)
@@ -75,12 +76,16 @@ fn parse_index(name: &str, rest: &str) -> Result<usize> {
     if rest.is_empty() {
         return Ok(0);
     }
+    let name = crate::error::clip(name);
     let Some(digits) = rest.strip_prefix(':') else {
         bail!("bad device `{name}`: expected `cuda:N` or `tch-cuda:N` with N a GPU index")
     };
-    digits
-        .parse::<usize>()
-        .map_err(|_| anyhow::anyhow!("bad device `{name}`: `{digits}` is not a GPU index"))
+    digits.parse::<usize>().map_err(|_| {
+        anyhow::anyhow!(
+            "bad device `{name}`: `{}` is not a GPU index",
+            crate::error::clip(digits)
+        )
+    })
 }
 
 fn auto_device() -> Device {

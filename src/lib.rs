@@ -10,4 +10,5 @@ pub mod pipeline;
 pub mod progress;
 pub mod stages;
 pub mod template;
+pub mod testhook;
 pub mod train;

@@ -1,5 +1,7 @@
 //! Chat templates: how a prompt's messages become the text the model sees before its answer.
 
+use std::path::Path;
+
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +120,39 @@ pub fn chat_template_source(cfg: &serde_json::Value) -> Option<String> {
             .and_then(|t| t.as_str())
             .map(str::to_string),
         _ => None,
+    }
+}
+
+/// Reads a tokenizer_config.json: `None` when there is no such file, a user error (exit 2)
+/// naming the file when it is not JSON or not a JSON object. Every reader goes through here, so
+/// code that indexes the config by key (`cfg["eos_token"] = ...`) can never meet an array or a
+/// number and panic.
+pub fn read_tokenizer_config(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| user(format!("{}: cannot read: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| user(format!("{}: not valid JSON: {e}", path.display())))?;
+    if !v.is_object() {
+        return Err(user(format!(
+            "{}: must be a JSON object (like {{\"eos_token\": \"</s>\"}}), found {}",
+            path.display(),
+            json_type(&v)
+        )));
+    }
+    Ok(Some(v))
+}
+
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 

@@ -124,7 +124,7 @@ fn a_crash_before_commit_leaves_nothing_that_reads_as_fresh() {
     let p = pipeline(dir.path(), &small_yaml(""));
     let r = sepo_env(
         &["run", &p, "-q"],
-        &[("SEPO_TEST_ABORT_BEFORE_COMMIT", "tokens")],
+        &[("SEPO_TEST_HOOK", "abort-before-commit:tokens")],
     );
     assert_ne!(r.code, 0);
     let st = status(&p);

@@ -252,7 +252,7 @@ fn a_killed_run_resumes_from_its_checkpoint_to_the_same_bytes() {
     let c2 = dir.path().join("c2").display().to_string();
     let r = sepo_env(
         &["run", &p, "--stage", "long", "--cache", &c2],
-        &[("SEPO_TEST_ABORT_AFTER_CHECKPOINT", "6")],
+        &[("SEPO_TEST_HOOK", "abort-after-checkpoint:6")],
     );
     assert_ne!(r.code, 0, "the hook should have killed it");
     assert!(

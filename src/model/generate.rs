@@ -1,16 +1,20 @@
 //! Decoding: greedy, temperature and nucleus (top-p) sampling, seeded.
 
+use anyhow::Result;
 use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::error::user;
 
 /// How to continue a prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateOptions {
-    /// Most tokens to add.
+    /// Most tokens to add; generation also stops where the model's context
+    /// (`max_position_embeddings`) is full, see [`GenerateOptions::new_token_budget`].
     pub max_new_tokens: usize,
-    /// Softmax temperature; 0 means greedy (argmax).
+    /// Softmax temperature, finite and at least 0; 0 means greedy (argmax).
     pub temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to `top_p`
-    /// (1 keeps all).
+    /// Nucleus sampling, in (0, 1]: keep the most likely tokens whose probabilities add up to
+    /// `top_p` (1 keeps all).
     pub top_p: f32,
     /// Seed of the sampler.
     pub seed: u64,
@@ -27,6 +31,42 @@ impl Default for GenerateOptions {
             seed: 0,
             eos_token_id: None,
         }
+    }
+}
+
+impl GenerateOptions {
+    /// Checks the sampling settings: `temperature` finite and at least 0, `top_p` in (0, 1].
+    /// NaN would silently turn into greedy decoding or an empty nucleus, so it is an error.
+    /// Errors are the caller's input (exit status 2).
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(user(format!(
+                "temperature must be a finite number at least 0 (0 is greedy), got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(user(format!(
+                "top_p must be in (0, 1] (1 keeps every token), got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many tokens may be added to a prompt of `prompt_len` tokens for a model whose
+    /// context holds `context` positions: `max_new_tokens`, bounded so that prompt and
+    /// continuation fit in the context (as transformers' `max_length`). A prompt that leaves no
+    /// room for a single new token is an error (exit status 2).
+    pub fn new_token_budget(&self, prompt_len: usize, context: usize) -> Result<usize> {
+        self.validate()?;
+        if prompt_len >= context {
+            return Err(user(format!(
+                "the prompt is {prompt_len} tokens but the model's context length \
+                 (max_position_embeddings) is {context}: no room for a new token"
+            )));
+        }
+        Ok(self.max_new_tokens.min(context - prompt_len))
     }
 }
 
@@ -119,6 +159,33 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_are_bounded() {
+        let ok = GenerateOptions::default();
+        assert!(ok.validate().is_ok());
+        for (t, p) in [
+            (f32::NAN, 1.0),
+            (-0.5, 1.0),
+            (f32::INFINITY, 1.0),
+            (1.0, f32::NAN),
+            (1.0, 0.0),
+            (1.0, 1.5),
+            (1.0, -0.1),
+        ] {
+            let o = GenerateOptions {
+                temperature: t,
+                top_p: p,
+                ..ok.clone()
+            };
+            let err = o.validate().unwrap_err();
+            assert!(crate::error::is_user_error(&err), "{t} {p}");
+        }
+        assert_eq!(ok.new_token_budget(10, 512).unwrap(), 128);
+        assert_eq!(ok.new_token_budget(500, 512).unwrap(), 12);
+        assert!(ok.new_token_budget(512, 512).is_err());
+        assert!(ok.new_token_budget(600, 512).is_err());
+    }
 
     #[test]
     fn greedy_and_seeded_sampling() {

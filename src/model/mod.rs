@@ -104,6 +104,12 @@ impl CausalLm {
         self.config.vocab_size
     }
 
+    /// Most positions (prompt and continuation) the model was trained for:
+    /// `max_position_embeddings`.
+    pub fn context_length(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
         self.decoder.embed.val().device()
@@ -220,11 +226,14 @@ impl CausalLm {
 
     /// Continues `prompt_ids` with a key/value cache: greedy when `temperature` is 0, else
     /// seeded temperature / top-p sampling. Returns the new tokens, ending with EOS when it
-    /// stopped there.
+    /// stopped there, and never more than fit in the model's context
+    /// ([`GenerateOptions::new_token_budget`]). Invalid options and a prompt that fills the
+    /// context are errors.
     pub fn generate(&self, prompt_ids: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
         if prompt_ids.is_empty() {
             bail!("generate: empty prompt (give at least a BOS token)");
         }
+        let budget = opts.new_token_budget(prompt_ids.len(), self.context_length())?;
         let vocab = self.config.vocab_size;
         if let Some(bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
             bail!("generate: token id {bad} is outside the vocabulary of {vocab}");
@@ -235,7 +244,7 @@ impl CausalLm {
         let mut cache = KvCache::new();
         let mut out = Vec::new();
         let mut next_input: Vec<i64> = prompt_ids.iter().map(|&t| t as i64).collect();
-        while out.len() < opts.max_new_tokens {
+        while out.len() < budget {
             let n = next_input.len();
             let ids = Tensor::<2, Int>::from_data(
                 TensorData::new(std::mem::take(&mut next_input), [1, n]),

@@ -1,7 +1,7 @@
 //! Planning (validate every stage, hash it, decide fresh or stale) and execution (build stale
 //! stages in dependency order, independent ones concurrently, each behind a per-hash lock).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime};
@@ -15,7 +15,7 @@ use super::spec::{InputRef, Pipeline, suggest};
 use super::store::{
     FileEntry, MANIFEST, Manifest, Store, describe_files, rfc3339_utc, write_atomic,
 };
-use crate::error::user;
+use crate::error::{clip, user};
 use crate::progress::Progress;
 use crate::stages::{self, Artifact, BuildContext, RunContext, Stage, StageKind};
 use crate::user_bail;
@@ -39,6 +39,9 @@ pub struct Plan {
     pub store: Store,
     /// Every stage of the pipeline, in topological order.
     pub stages: Vec<Planned>,
+    /// Stage name -> position in `stages`: [`Plan::get`] is O(1), so loops over stages that look
+    /// others up stay linear.
+    index: HashMap<String, usize>,
 }
 
 impl Plan {
@@ -48,22 +51,36 @@ impl Plan {
         let graph = Graph::build(&pipeline)?;
         let store = Store::new(pipeline.cache.clone());
         let hasher = FileHasher::new(Some(store.root.join(".state").join("filehash.json")));
-        let mut planned: Vec<Planned> = Vec::new();
+        // Name indexes, so that each stage's lookups cost O(1) and planning stays linear in the
+        // number of stages and edges (a scan per lookup made 20,000 stages take most of a minute).
+        let decls: HashMap<&str, &super::spec::StageDecl> = pipeline
+            .stages
+            .iter()
+            .map(|d| (d.name.as_str(), d))
+            .collect();
+        let mut index: HashMap<String, usize> = HashMap::with_capacity(graph.order.len());
+        let mut planned: Vec<Planned> = Vec::with_capacity(graph.order.len());
         for name in &graph.order {
-            let decl = pipeline
-                .stage(name)
-                .expect("graph holds only declared stages");
-            let ctx = || format!("{fname}: stage `{name}` ({})", decl.kind);
+            let decl = decls[name.as_str()];
+            let shown = clip(name);
+            let ctx = || format!("{fname}: stage `{shown}` ({})", clip(&decl.kind));
             let Some(kind) = stages::lookup(&decl.kind) else {
                 user_bail!(
-                    "{fname}: stage `{name}`: unknown stage kind `{}`{} (known: {})",
-                    decl.kind,
+                    "{fname}: stage `{shown}`: unknown stage kind `{}`{} (known: {})",
+                    clip(&decl.kind),
                     suggest(&decl.kind, &stages::kind_names()),
                     stages::kind_names().join(", ")
                 );
             };
-            check_roles(&pipeline, decl.name.as_str(), &decl.inputs, kind, &planned)
-                .with_context(ctx)?;
+            // Upstream stages are planned already (topological order), so they are in `index`.
+            let kind_of = |u: &str| -> String {
+                index
+                    .get(u)
+                    .map(|&i| planned[i].kind.kind.to_string())
+                    .or_else(|| decls.get(u).map(|d| d.kind.clone()))
+                    .unwrap_or_default()
+            };
+            check_roles(decl.name.as_str(), &decl.inputs, kind, &kind_of).with_context(ctx)?;
             let role_kinds = decl
                 .inputs
                 .iter()
@@ -71,12 +88,7 @@ impl Plan {
                     let kinds = r
                         .stages()
                         .iter()
-                        .map(|u| {
-                            pipeline
-                                .stage(u)
-                                .map(|d| d.kind.clone())
-                                .unwrap_or_default()
-                        })
+                        .map(|u| decls.get(u).map(|d| d.kind.clone()).unwrap_or_default())
                         .collect();
                     (role.clone(), kinds)
                 })
@@ -95,16 +107,7 @@ impl Plan {
                 let ups: Vec<String> = r.stages().iter().map(|s| s.to_string()).collect();
                 let hashes: Vec<Value> = ups
                     .iter()
-                    .map(|u| {
-                        Value::from(
-                            planned
-                                .iter()
-                                .find(|p| &p.name == u)
-                                .expect("topological")
-                                .hash
-                                .clone(),
-                        )
-                    })
+                    .map(|u| Value::from(planned[index[u.as_str()]].hash.clone()))
                     .collect();
                 input_hashes.insert(
                     role.clone(),
@@ -140,6 +143,7 @@ impl Plan {
                 files: &file_hashes,
             });
             let fresh = store.is_fresh(kind.kind, &hash);
+            index.insert(name.clone(), planned.len());
             planned.push(Planned {
                 name: name.clone(),
                 kind,
@@ -157,18 +161,24 @@ impl Plan {
             graph,
             store,
             stages: planned,
+            index,
         })
     }
 
+    /// The planned stage called `name` (O(1)); a user error with a "did you mean" if none is.
     pub fn get(&self, name: &str) -> Result<&Planned> {
-        self.stages.iter().find(|s| s.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
-            user(format!(
-                "{}: no stage `{name}`{}",
-                self.pipeline.file.display(),
-                suggest(name, &names)
-            ))
-        })
+        self.index
+            .get(name)
+            .map(|&i| &self.stages[i])
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+                user(format!(
+                    "{}: no stage `{}`{}",
+                    self.pipeline.file.display(),
+                    clip(name),
+                    suggest(name, &names)
+                ))
+            })
     }
 
     pub fn artifact_dir(&self, p: &Planned) -> PathBuf {
@@ -176,18 +186,19 @@ impl Plan {
     }
 }
 
+/// Checks a stage's input roles against its kind; `kind_of` names the kind of an upstream stage.
 fn check_roles(
-    p: &Pipeline,
     stage: &str,
     inputs: &BTreeMap<String, InputRef>,
     kind: &StageKind,
-    planned: &[Planned],
+    kind_of: &dyn Fn(&str) -> String,
 ) -> Result<()> {
     let role_names: Vec<&str> = kind.roles.iter().map(|r| r.name).collect();
     for (role, r) in inputs {
         let Some(spec) = kind.roles.iter().find(|x| x.name == role) else {
             user_bail!(
-                "unknown input role `{role}`{} ({} stages take: {})",
+                "unknown input role `{}`{} ({} stages take: {})",
+                clip(role),
                 suggest(role, &role_names),
                 kind.kind,
                 if role_names.is_empty() {
@@ -204,16 +215,16 @@ fn check_roles(
         }
         if !spec.kinds.is_empty() {
             for up in r.stages() {
-                let up_kind = planned
-                    .iter()
-                    .find(|x| x.name == up)
-                    .map(|x| x.kind.kind)
-                    .or_else(|| p.stage(up).map(|d| d.kind.as_str()))
-                    .unwrap_or("?");
-                if !spec.kinds.contains(&up_kind) {
+                let mut up_kind = kind_of(up);
+                if up_kind.is_empty() {
+                    up_kind = "?".into();
+                }
+                if !spec.kinds.contains(&up_kind.as_str()) {
                     user_bail!(
-                        "input `{role}` must be a {} stage, but `{up}` is a `{up_kind}` stage",
-                        spec.kinds.join(" or ")
+                        "input `{role}` must be a {} stage, but `{}` is a `{}` stage",
+                        spec.kinds.join(" or "),
+                        clip(up),
+                        clip(&up_kind)
                     );
                 }
             }
@@ -222,8 +233,9 @@ fn check_roles(
     for spec in kind.roles {
         if spec.required && !inputs.contains_key(spec.name) {
             user_bail!(
-                "missing required input `{}` (stage `{stage}` of kind {})",
+                "missing required input `{}` (stage `{}` of kind {})",
                 spec.name,
+                clip(stage),
                 kind.kind
             );
         }
@@ -269,12 +281,14 @@ pub fn run(plan: &Plan, opts: &RunOptions, progress: &Progress) -> Result<RunRep
         .map(|n| plan.get(n).expect("known"))
         .filter(|p| forced.contains(&p.name) || !p.fresh)
         .collect();
+    // A set, not a scan of `to_run` per stage: the report stays linear in the stage count.
+    let run_names: HashSet<&str> = to_run.iter().map(|p| p.name.as_str()).collect();
     let report: RunReport = selected
         .iter()
         .map(|n| {
             (
                 n.clone(),
-                if to_run.iter().any(|r| r.name == *n) {
+                if run_names.contains(n.as_str()) {
                     "run"
                 } else {
                     "fresh"
@@ -286,7 +300,6 @@ pub fn run(plan: &Plan, opts: &RunOptions, progress: &Progress) -> Result<RunRep
         return Ok(report);
     }
     let jobs = opts.jobs.max(1);
-    let run_names: HashSet<&str> = to_run.iter().map(|p| p.name.as_str()).collect();
     let mut done: HashSet<String> = HashSet::new();
     let mut started: HashSet<String> = HashSet::new();
     let mut failure: Option<anyhow::Error> = None;
@@ -307,7 +320,12 @@ pub fn run(plan: &Plan, opts: &RunOptions, progress: &Progress) -> Result<RunRep
                 let tx = tx.clone();
                 let force = forced.contains(&p.name);
                 scope.spawn(move || {
-                    let r = build_stage(plan, p, force, opts, progress);
+                    // A panic must reach the loop below as an error: an unreported worker would
+                    // leave it waiting forever on a channel whose sender it still holds.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        build_stage(plan, p, force, opts, progress)
+                    }))
+                    .unwrap_or_else(|payload| Err(panic_error(plan, p, payload.as_ref())));
                     let _ = tx.send((p.name.clone(), r));
                 });
             }
@@ -364,7 +382,18 @@ fn build_stage(
         let mut arts = Vec::new();
         for u in ups {
             let up = plan.get(u)?;
-            let manifest = store.manifest(up.kind.kind, &up.hash).with_context(ctx)?;
+            let manifest = store
+                .manifest(up.kind.kind, &up.hash)
+                .map_err(|e| damaged(plan, u, vec![crate::error::render(&e)]))
+                .with_context(ctx)?;
+            // Never build on a damaged input: sizes always, content when a file changed since
+            // it was last seen intact.
+            let problems = store
+                .check(up.kind.kind, &up.hash, &manifest)
+                .with_context(ctx)?;
+            if !problems.is_empty() {
+                return Err(damaged(plan, u, problems)).with_context(ctx);
+            }
             arts.push(Artifact {
                 stage: u.clone(),
                 kind: up.kind.kind.to_string(),
@@ -386,7 +415,13 @@ fn build_stage(
         progress,
         store,
     };
-    let result = p.stage.run(&rctx).and_then(|stats| {
+    // A panic inside the stage is turned into an error here, so the clean-up below still runs.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::testhook::panic_at("panic-in-stage", &p.name);
+        p.stage.run(&rctx)
+    }))
+    .unwrap_or_else(|payload| Err(panic_error(plan, p, payload.as_ref())));
+    let result = ran.and_then(|stats| {
         let files = describe_files(&out)?;
         let manifest = Manifest {
             stage: p.name.clone(),
@@ -402,10 +437,7 @@ fn build_stage(
             wall_time_s: t0.elapsed().as_secs_f64(),
         };
         write_atomic(&out.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
-        // Test hook: die the hardest way at the worst moment, a complete output not yet committed.
-        if std::env::var("SEPO_TEST_ABORT_BEFORE_COMMIT").is_ok_and(|s| s == p.name) {
-            std::process::abort();
-        }
+        crate::testhook::abort_at("abort-before-commit", &p.name);
         store.commit(&out, p.kind.kind, &p.hash)
     });
     match result {
@@ -440,4 +472,29 @@ fn build_stage(
             Err(e.context(ctx()))
         }
     }
+}
+
+/// The error for a panic inside a stage: a failure (exit 1), naming the stage, never a hang.
+fn panic_error(plan: &Plan, p: &Planned, payload: &(dyn std::any::Any + Send)) -> anyhow::Error {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string());
+    anyhow::anyhow!(
+        "{}: stage `{}` ({}) crashed: {msg} (a bug in sepo: nothing was written for this stage)",
+        plan.pipeline.file.display(),
+        p.name,
+        p.kind.kind
+    )
+}
+
+/// The error for an input artifact that no longer matches its manifest, with the way out.
+fn damaged(plan: &Plan, stage: &str, problems: Vec<String>) -> anyhow::Error {
+    user(format!(
+        "input artifact of stage `{stage}` is damaged: {}. The cache was changed outside sepo; \
+         rebuild it with `sepo run {} --from {stage}` (or delete its folder)",
+        problems.join("; "),
+        plan.pipeline.file.display()
+    ))
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 
-use crate::error::user;
+use crate::error::{clip, user};
 use crate::user_bail;
 
 const TOP_LEVEL_KEYS: &[&str] = &["name", "cache", "device", "seed", "stages"];
@@ -95,7 +95,8 @@ impl Pipeline {
                 }
                 "stages" => stages_val = Some(v),
                 other => user_bail!(
-                    "{fname}: unknown top-level key `{other}`{} (expected one of: {})",
+                    "{fname}: unknown top-level key `{}`{} (expected one of: {})",
+                    clip(other),
                     suggest(other, TOP_LEVEL_KEYS),
                     TOP_LEVEL_KEYS.join(", ")
                 ),
@@ -143,6 +144,8 @@ impl Pipeline {
         })
     }
 
+    /// The stage declared as `name`. A linear scan: code that looks up many stages (planning)
+    /// builds a name index instead, so that planning stays linear in the stage count.
     pub fn stage(&self, name: &str) -> Option<&StageDecl> {
         self.stages.iter().find(|s| s.name == name)
     }
@@ -150,25 +153,31 @@ impl Pipeline {
     /// Applies `--set stage.key=value` (value parsed as YAML; `key` may be dotted for nesting).
     pub fn apply_set(&mut self, assignment: &str) -> Result<()> {
         let fname = self.file.display().to_string();
+        // The assignment is echoed in every error below; a huge value must not come back whole.
+        let shown = clip(assignment);
         let Some((lhs, rhs)) = assignment.split_once('=') else {
-            user_bail!("--set `{assignment}`: expected STAGE.KEY=VALUE");
+            user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE");
         };
         let Some((stage, key)) = lhs.split_once('.') else {
-            user_bail!("--set `{assignment}`: expected STAGE.KEY=VALUE");
+            user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE");
         };
-        let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
-        let suggestion = suggest(stage, &names);
         let Some(decl) = self.stages.iter_mut().find(|s| s.name == stage) else {
-            user_bail!("--set `{assignment}`: {fname} has no stage `{stage}`{suggestion}");
+            // Only on the error path: edit distances to every stage name are not free.
+            let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
+            user_bail!(
+                "--set `{shown}`: {fname} has no stage `{}`{}",
+                clip(stage),
+                suggest(stage, &names)
+            );
         };
         if key == "kind" || key == "inputs" || key.starts_with("inputs.") {
-            user_bail!("--set `{assignment}`: only parameters can be overridden, not `{key}`");
+            user_bail!(
+                "--set `{shown}`: only parameters can be overridden, not `{}`",
+                clip(key)
+            );
         }
-        let yaml: serde_yaml::Value = serde_yaml::from_str(rhs).map_err(|e| {
-            user(format!(
-                "--set `{assignment}`: value is not valid YAML: {e}"
-            ))
-        })?;
+        let yaml: serde_yaml::Value = serde_yaml::from_str(rhs)
+            .map_err(|e| user(format!("--set `{shown}`: value is not valid YAML: {e}")))?;
         let value = yaml_to_json(&yaml, &fname)?;
         let parts: Vec<&str> = key.split('.').collect();
         let mut map = &mut decl.params;
@@ -206,10 +215,13 @@ pub fn normalize(p: &Path) -> PathBuf {
     }
 }
 
-fn parse_stage(name: &str, v: serde_yaml::Value, fname: &str) -> Result<StageDecl> {
-    if name.is_empty() || name.contains(['/', '\\', ' ']) {
-        user_bail!("{fname}: stage name `{name}` must be non-empty, without spaces or slashes");
+fn parse_stage(full_name: &str, v: serde_yaml::Value, fname: &str) -> Result<StageDecl> {
+    // `name` is what the messages below show: clipped, since a stage name is any YAML key.
+    let shown = clip(full_name);
+    if full_name.is_empty() || full_name.contains(['/', '\\', ' ']) {
+        user_bail!("{fname}: stage name `{shown}` must be non-empty, without spaces or slashes");
     }
+    let name = shown.as_str();
     let serde_yaml::Value::Mapping(m) = v else {
         user_bail!("{fname}: stage `{name}` must be a mapping with at least `kind`");
     };
@@ -250,7 +262,7 @@ fn parse_stage(name: &str, v: serde_yaml::Value, fname: &str) -> Result<StageDec
         user_bail!("{fname}: stage `{name}` has no `kind`");
     };
     Ok(StageDecl {
-        name: name.to_string(),
+        name: full_name.to_string(),
         kind,
         inputs,
         params,
@@ -261,7 +273,8 @@ fn yaml_key(k: &serde_yaml::Value, fname: &str, ctx: &str) -> Result<String> {
     match k {
         serde_yaml::Value::String(s) => Ok(s.clone()),
         other => Err(user(format!(
-            "{fname}: {ctx}: keys must be strings, found {other:?}"
+            "{fname}: {ctx}: keys must be strings, found {}",
+            clip(&format!("{other:?}"))
         ))),
     }
 }
@@ -311,8 +324,12 @@ pub fn yaml_to_json(v: &serde_yaml::Value, fname: &str) -> Result<Value> {
 
 /// " (did you mean `x`?)" when a close candidate exists.
 pub fn suggest(word: &str, candidates: &[&str]) -> String {
+    let len = word.chars().count();
     candidates
         .iter()
+        // The distance is at least the difference in length: skipping hopeless candidates
+        // keeps a huge word (a megabyte `--stage` value) from costing len x len per candidate.
+        .filter(|c| len.abs_diff(c.chars().count()) <= 2.max(c.len() / 3))
         .map(|c| (edit_distance(word, c), *c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 3))
         .min()

@@ -2,6 +2,10 @@
 //! `<cache>/tmp/<hash>/` is where a stage works. An artifact appears only by one directory rename
 //! after its manifest (written last) is on disk, so a killed run never leaves one that reads as
 //! fresh, and two processes racing on the same stage both end with the same complete artifact.
+//!
+//! The store never follows a symbolic link below its root: a link inside the cache is reported,
+//! never read, hashed or deleted through. A cache is recognisable by its marker file, written the
+//! first time sepo writes into it; `gc` refuses any folder without one.
 
 use std::fs::File;
 use std::io::Write;
@@ -11,9 +15,12 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::hash::hash_file;
+use super::hash::{HASH_HEX_LEN, hash_file};
+use crate::error::user;
 
 pub const MANIFEST: &str = "manifest.json";
+/// Written into a cache folder when sepo first writes there; `gc` touches only marked folders.
+pub const MARKER: &str = ".sepo-cache";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -49,6 +56,119 @@ pub struct StageLock {
     _file: File,
 }
 
+/// Whether `name` has the shape of an artifact hash (what every `<kind>/<hash>` folder is named).
+pub fn is_hash_name(name: &str) -> bool {
+    name.len() == HASH_HEX_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// What a directory entry is, read without following links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EntryType {
+    File,
+    Dir,
+    Symlink,
+    /// A FIFO, socket or device: never read.
+    Other,
+}
+
+pub fn entry_type(path: &Path) -> Option<EntryType> {
+    let ft = std::fs::symlink_metadata(path).ok()?.file_type();
+    Some(if ft.is_symlink() {
+        EntryType::Symlink
+    } else if ft.is_dir() {
+        EntryType::Dir
+    } else if ft.is_file() {
+        EntryType::File
+    } else {
+        EntryType::Other
+    })
+}
+
+/// Every entry below `dir` (relative, `/`-separated, sorted) with its type; links and special
+/// files are listed, never entered or read.
+pub fn list_tree(dir: &Path) -> Result<Vec<(String, EntryType)>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, EntryType)>) -> Result<()> {
+        for e in
+            std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
+        {
+            let e = e?;
+            let p = e.path();
+            let ft = e.file_type()?;
+            let t = if ft.is_symlink() {
+                EntryType::Symlink
+            } else if ft.is_dir() {
+                EntryType::Dir
+            } else if ft.is_file() {
+                EntryType::File
+            } else {
+                EntryType::Other
+            };
+            if t == EntryType::Dir {
+                walk(root, &p, out)?;
+                continue;
+            }
+            let rel = p
+                .strip_prefix(root)
+                .expect("under root")
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push((rel, t));
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// Lists the files under `dir` (relative, `/`-separated, sorted), with blake3 and size. A stage
+/// output holding a link or special file is refused: the store never follows links.
+pub fn describe_files(dir: &Path) -> Result<Vec<FileEntry>> {
+    let mut out = Vec::new();
+    for (rel, t) in list_tree(dir)? {
+        if rel == MANIFEST {
+            continue;
+        }
+        let p = dir.join(&rel);
+        if t != EntryType::File {
+            anyhow::bail!(
+                "{}: not a regular file; an artifact holds only regular files",
+                p.display()
+            );
+        }
+        out.push(FileEntry {
+            blake3: hash_file(&p)?,
+            size: std::fs::symlink_metadata(&p)?.len(),
+            path: rel,
+        });
+    }
+    Ok(out)
+}
+
+/// (size, mtime in ns) of a regular file, read without following links.
+fn stat(path: &Path) -> Option<(u64, i128)> {
+    let m = std::fs::symlink_metadata(path).ok()?;
+    if !m.file_type().is_file() {
+        return None;
+    }
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i128)?;
+    Some((m.len(), mtime))
+}
+
+/// When each file of one artifact was last seen to match its manifest: (size, mtime) per path.
+/// A file whose size and mtime are unchanged since is not re-hashed before it is read again.
+type Verified = std::collections::BTreeMap<String, (u64, i128)>;
+
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Store {
         Store { root: root.into() }
@@ -63,28 +183,183 @@ impl Store {
     }
 
     pub fn is_fresh(&self, kind: &str, hash: &str) -> bool {
-        self.artifact_dir(kind, hash).join(MANIFEST).is_file()
+        entry_type(&self.artifact_dir(kind, hash).join(MANIFEST)) == Some(EntryType::File)
     }
 
+    pub fn is_marked(&self) -> bool {
+        entry_type(&self.root.join(MARKER)) == Some(EntryType::File)
+    }
+
+    /// Makes the cache folder ready for writing: refuses a path that is a file, creates the
+    /// folder and writes the marker that makes it recognisable as a sepo cache.
+    pub fn prepare(&self) -> Result<()> {
+        if self.root.exists() && !self.root.is_dir() {
+            return Err(user(format!(
+                "{}: the cache must be a folder, but this is a file",
+                self.root.display()
+            )));
+        }
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("{}: cannot create the cache", self.root.display()))?;
+        if !self.is_marked() {
+            write_atomic(
+                &self.root.join(MARKER),
+                b"This folder is a sepo artifact cache. `sepo gc` deletes only in folders marked so.\n",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// An artifact's manifest, checked against the folder it lives in.
     pub fn manifest(&self, kind: &str, hash: &str) -> Result<Manifest> {
         let p = self.artifact_dir(kind, hash).join(MANIFEST);
+        if entry_type(&p) != Some(EntryType::File) {
+            return Err(user(format!(
+                "{}: missing or not a regular file",
+                p.display()
+            )));
+        }
         let bytes = std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not a sepo manifest", p.display()))
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            user(format!(
+                "{}: damaged manifest ({e}); the cache was changed outside sepo",
+                p.display()
+            ))
+        })?;
+        if m.kind != kind || m.hash != hash {
+            return Err(user(format!(
+                "{}: the manifest says `{}/{}` but lives in `{kind}/{hash}`; the cache was changed outside sepo",
+                p.display(),
+                m.kind,
+                m.hash
+            )));
+        }
+        Ok(m)
+    }
+
+    fn verified_path(&self, kind: &str, hash: &str) -> PathBuf {
+        self.root
+            .join(".state")
+            .join("verified")
+            .join(format!("{kind}.{hash}.json"))
+    }
+
+    /// Records that every file of a just-committed (or just-verified) artifact matches its
+    /// manifest, so reading it later costs a `stat` per file, not a re-hash.
+    fn record_verified(&self, kind: &str, hash: &str, m: &Manifest) {
+        let dir = self.artifact_dir(kind, hash);
+        let v: Verified = m
+            .files
+            .iter()
+            .filter_map(|f| stat(&dir.join(&f.path)).map(|s| (f.path.clone(), s)))
+            .collect();
+        let p = self.verified_path(kind, hash);
+        if let Some(parent) = p.parent()
+            && std::fs::create_dir_all(parent).is_ok()
+        {
+            // Only a speed-up: a failure costs a re-hash next time.
+            let _ = write_atomic(&p, &serde_json::to_vec(&v).unwrap_or_default());
+        }
+    }
+
+    /// Cheap integrity check before an artifact is read: every manifest file must be a regular
+    /// file of the recorded size, and is re-hashed only when its size or mtime changed since it
+    /// was last seen intact. Returns the problems found (empty: intact).
+    pub fn check(&self, kind: &str, hash: &str, m: &Manifest) -> Result<Vec<String>> {
+        let dir = self.artifact_dir(kind, hash);
+        let vpath = self.verified_path(kind, hash);
+        let verified: Verified = std::fs::read(&vpath)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut problems = Vec::new();
+        let mut rehashed = false;
+        for f in &m.files {
+            let p = dir.join(&f.path);
+            match entry_type(&p) {
+                None => problems.push(format!("{}: missing", p.display())),
+                Some(EntryType::File) => {
+                    let Some((size, mtime)) = stat(&p) else {
+                        problems.push(format!("{}: cannot stat", p.display()));
+                        continue;
+                    };
+                    if size != f.size {
+                        problems.push(format!(
+                            "{}: size {size} (manifest says {})",
+                            p.display(),
+                            f.size
+                        ));
+                    } else if verified.get(&f.path) != Some(&(size, mtime)) {
+                        rehashed = true;
+                        if hash_file(&p)? != f.blake3 {
+                            problems.push(format!("{}: content changed", p.display()));
+                        }
+                    }
+                }
+                Some(EntryType::Symlink) => problems.push(format!(
+                    "{}: a symbolic link (sepo never follows links in its cache)",
+                    p.display()
+                )),
+                Some(_) => problems.push(format!("{}: not a regular file", p.display())),
+            }
+        }
+        if problems.is_empty() && rehashed {
+            self.record_verified(kind, hash, m);
+        }
+        Ok(problems)
+    }
+
+    /// Everything `sepo verify` reports about one artifact: a full re-hash of every file, files
+    /// the manifest does not list, links and special files (listed, never followed).
+    pub fn verify(&self, kind: &str, hash: &str) -> Result<Vec<String>> {
+        let dir = self.artifact_dir(kind, hash);
+        let m = match self.manifest(kind, hash) {
+            Ok(m) => m,
+            Err(e) => return Ok(vec![crate::error::render(&e)]),
+        };
+        let mut problems = Vec::new();
+        for f in &m.files {
+            let p = dir.join(&f.path);
+            match entry_type(&p) {
+                None => problems.push(format!("{}: missing", p.display())),
+                Some(EntryType::File) => {
+                    let size = std::fs::symlink_metadata(&p)?.len();
+                    if size != f.size {
+                        problems.push(format!(
+                            "{}: size {size} (manifest says {})",
+                            p.display(),
+                            f.size
+                        ));
+                    } else if hash_file(&p)? != f.blake3 {
+                        problems.push(format!("{}: content changed", p.display()));
+                    }
+                }
+                Some(EntryType::Symlink) => {
+                    problems.push(format!("{}: a symbolic link, not followed", p.display()))
+                }
+                Some(_) => problems.push(format!("{}: not a regular file", p.display())),
+            }
+        }
+        for (rel, t) in list_tree(&dir)? {
+            if rel == MANIFEST || m.files.iter().any(|f| f.path == rel) {
+                continue;
+            }
+            let what = match t {
+                EntryType::Symlink => "a symbolic link not in the manifest, not followed",
+                _ => "not in the manifest",
+            };
+            problems.push(format!("{}: {what}", dir.join(&rel).display()));
+        }
+        if problems.is_empty() {
+            self.record_verified(kind, hash, &m);
+        }
+        Ok(problems)
     }
 
     /// Blocks until this process is the only one building `hash`. Returns whether it had to wait.
     pub fn lock(&self, hash: &str) -> Result<(StageLock, bool)> {
-        let dir = self.root.join("tmp");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-        let path = dir.join(format!("{hash}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open lock", path.display()))?;
+        let file = self.lock_file(hash)?;
+        let path = self.lock_path(hash);
         let waited = match file.try_lock() {
             Ok(()) => false,
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -99,6 +374,35 @@ impl Store {
         Ok((StageLock { _file: file }, waited))
     }
 
+    /// The lock on `hash` if no other process holds it now (gc never waits for a build).
+    pub fn try_lock(&self, hash: &str) -> Result<Option<StageLock>> {
+        let file = self.lock_file(hash)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(StageLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("{}: lock failed", self.lock_path(hash).display()))
+            }
+        }
+    }
+
+    pub fn lock_path(&self, hash: &str) -> PathBuf {
+        self.root.join("tmp").join(format!("{hash}.lock"))
+    }
+
+    fn lock_file(&self, hash: &str) -> Result<File> {
+        let dir = self.root.join("tmp");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let path = self.lock_path(hash);
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open lock", path.display()))
+    }
+
     /// Moves a completed output folder into place. `out` must already hold `manifest.json`.
     /// If an artifact exists (a forced rebuild), it is swapped out first and then deleted.
     pub fn commit(&self, out: &Path, kind: &str, hash: &str) -> Result<PathBuf> {
@@ -107,7 +411,7 @@ impl Store {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("{}: cannot create", parent.display()))?;
         sync_tree(out)?;
-        if dest.exists() {
+        if entry_type(&dest).is_some() {
             let trash = self
                 .root
                 .join("tmp")
@@ -124,73 +428,18 @@ impl Store {
         if let Ok(d) = File::open(parent) {
             let _ = d.sync_all();
         }
+        if let Ok(m) = self.manifest(kind, hash) {
+            self.record_verified(kind, hash, &m);
+        }
         Ok(dest)
     }
-
-    /// Every artifact directory in the store: (kind, hash, path).
-    pub fn list(&self) -> Result<Vec<(String, String, PathBuf)>> {
-        let mut out = Vec::new();
-        let Ok(kinds) = std::fs::read_dir(&self.root) else {
-            return Ok(out);
-        };
-        for k in kinds.flatten() {
-            let kname = k.file_name().to_string_lossy().into_owned();
-            if kname == "tmp" || kname.starts_with('.') || !k.path().is_dir() {
-                continue;
-            }
-            for h in std::fs::read_dir(k.path())?.flatten() {
-                if h.path().is_dir() {
-                    out.push((
-                        kname.clone(),
-                        h.file_name().to_string_lossy().into_owned(),
-                        h.path(),
-                    ));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-}
-
-/// Lists the files under `dir` (relative, `/`-separated, sorted), with blake3 and size.
-pub fn describe_files(dir: &Path) -> Result<Vec<FileEntry>> {
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out)?;
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Vec<FileEntry>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        let e = e?;
-        let p = e.path();
-        if p.is_dir() {
-            walk(root, &p, out)?;
-        } else {
-            let rel = p.strip_prefix(root).expect("under root");
-            let rel = rel
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy())
-                .collect::<Vec<_>>()
-                .join("/");
-            if rel == MANIFEST {
-                continue;
-            }
-            out.push(FileEntry {
-                path: rel,
-                blake3: hash_file(&p)?,
-                size: e.metadata()?.len(),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn sync_tree(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
+        let e = e?;
+        let p = e.path();
+        if e.file_type()?.is_dir() {
             sync_tree(&p)?;
         } else {
             File::open(&p)?.sync_all()?;
@@ -250,11 +499,19 @@ impl Store {
         build: impl FnOnce(&Path) -> Result<Value>,
     ) -> Result<PathBuf> {
         let dest = self.artifact_dir(kind, hash);
-        if self.is_fresh(kind, hash) {
+        // A derived artifact is only a cache of a computation: one that fails its integrity
+        // check is rebuilt (the commit swaps the damaged folder out) instead of being read.
+        let intact = |s: &Store| {
+            s.is_fresh(kind, hash)
+                && s.manifest(kind, hash)
+                    .and_then(|m| s.check(kind, hash, &m))
+                    .is_ok_and(|p| p.is_empty())
+        };
+        if intact(self) {
             return Ok(dest);
         }
         let (_lock, _) = self.lock(hash)?;
-        if self.is_fresh(kind, hash) {
+        if intact(self) {
             return Ok(dest);
         }
         let work = self.work_dir(hash);

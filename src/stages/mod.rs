@@ -137,6 +137,13 @@ pub fn kind_names() -> Vec<&'static str> {
     REGISTRY.iter().map(|k| k.kind).collect()
 }
 
+/// Whether a stage of this kind computes on the pipeline's `device` (loads or trains a model).
+/// Only these make a device that is unknown or absent an error: a data-only pipeline runs
+/// whatever `device:` says.
+pub fn uses_device(kind: &str) -> bool {
+    matches!(kind, "model" | "train" | "score" | "evaluate")
+}
+
 /// Deserializes a stage's parameters into its config struct, turning serde's complaints
 /// (unknown field, wrong type) into user errors that suggest the intended key.
 pub fn parse_config<T: DeserializeOwned + Serialize>(params: &Value, known: &[&str]) -> Result<T> {
@@ -147,7 +154,8 @@ pub fn parse_config<T: DeserializeOwned + Serialize>(params: &Value, known: &[&s
             .and_then(|r| r.split('`').next())
             .map(|f| crate::pipeline::spec::suggest(f, known))
             .unwrap_or_default();
-        user(format!("{msg}{hint}"))
+        // serde quotes the offending value ("unknown variant `…`"): never echo a huge one whole.
+        user(format!("{}{hint}", crate::error::clip_message(&msg)))
     })
 }
 

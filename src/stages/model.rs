@@ -107,9 +107,22 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
             let full: ModelConfig = serde_json::from_value(Value::Object(c.clone()))
                 .map_err(|e| user(format!("`config`: {e}")))?;
             let explicit_vocab = c.contains_key("vocab_size");
-            full.validate()
-                .or_else(|e| if explicit_vocab { Err(e) } else { Ok(()) })
-                .map_err(|e| user(format!("`config`: {e}")))?;
+            // Checked now, before any stage runs, so a wrong or absurd config is an exit-2 error
+            // at planning. Without `vocab_size` the tokenizer's is known only when the stage
+            // runs: check with a vocabulary of 1, which passes whenever the real one will (the
+            // size bound only grows with it); the run checks again with the real one.
+            let mut probe = full.clone();
+            if !explicit_vocab {
+                probe.vocab_size = 1;
+            }
+            probe.validate().map_err(|e| {
+                let note = if explicit_vocab {
+                    ""
+                } else {
+                    " (vocab_size 1 stands in for the tokenizer's, known when the stage runs)"
+                };
+                user(format!("`config`: {e}{note}"))
+            })?;
             let mut v = serde_json::to_value(&full)?;
             if !explicit_vocab {
                 v["vocab_size"] = Value::Null;
@@ -220,18 +233,17 @@ impl Stage for ModelStage {
         model.save(&out)?;
         // The tokenizer: the input's if given, else the one in the model folder.
         let tok_files = match tokenizer {
-            Some(t) => Some(t),
+            Some(t) => Some(Ok(t)),
             None => self.cfg.from.as_ref().and_then(|f| {
                 let dir = resolve(&self.base, f);
                 let json = dir.join("tokenizer.json");
                 json.is_file().then(|| {
-                    let cfg = std::fs::read(dir.join("tokenizer_config.json"))
-                        .ok()
-                        .and_then(|b| serde_json::from_slice(&b).ok());
-                    (json, cfg)
+                    crate::template::read_tokenizer_config(&dir.join("tokenizer_config.json"))
+                        .map(|cfg| (json, cfg))
                 })
             }),
         };
+        let tok_files = tok_files.transpose()?;
         let Some((json, tcfg)) = tok_files else {
             user_bail!(
                 "the model has no tokenizer.json: add `inputs: {{tokenizer: <tokenizer stage>}}`"

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
@@ -13,7 +13,7 @@ use super::{
     Artifact, BuildContext, Role, RunContext, Stage, StageKind, parse_config, resolve, to_params,
 };
 use crate::error::user;
-use crate::template::special_token;
+use crate::template::{read_tokenizer_config, special_token};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -136,14 +136,8 @@ impl Stage for TokenizerStage {
         let (tok, mut config) = match (&self.json_path(), &self.cfg.train) {
             (Some(p), _) => {
                 let tok = load(p)?;
-                let cfg_path = p.with_file_name("tokenizer_config.json");
-                let config = if cfg_path.is_file() {
-                    let bytes = std::fs::read(&cfg_path)?;
-                    serde_json::from_slice(&bytes)
-                        .map_err(|e| user(format!("{}: not valid JSON: {e}", cfg_path.display())))?
-                } else {
-                    json!({})
-                };
+                let config = read_tokenizer_config(&p.with_file_name("tokenizer_config.json"))?
+                    .unwrap_or_else(|| json!({}));
                 (tok, config)
             }
             (None, Some(t)) => {
@@ -212,15 +206,7 @@ pub fn files_of(a: &Artifact) -> Result<(PathBuf, Option<Value>)> {
     for dir in [a.dir.clone(), a.dir.join("model")] {
         let json = dir.join("tokenizer.json");
         if json.is_file() {
-            let cfg_path = dir.join("tokenizer_config.json");
-            let cfg = if cfg_path.is_file() {
-                Some(
-                    serde_json::from_slice(&std::fs::read(&cfg_path)?)
-                        .with_context(|| cfg_path.display().to_string())?,
-                )
-            } else {
-                None
-            };
+            let cfg = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
             return Ok((json, cfg));
         }
     }

@@ -247,12 +247,7 @@ pub fn train(
                 && step < total_steps
             {
                 checkpoint(&model, &opt, &metrics, step, ckpt_dir)?;
-                // Test hook: die right after a checkpoint, as a kill -9 would.
-                if std::env::var("SEPO_TEST_ABORT_AFTER_CHECKPOINT")
-                    .is_ok_and(|s| s.parse() == Ok(step))
-                {
-                    std::process::abort();
-                }
+                crate::testhook::abort_at("abort-after-checkpoint", &step.to_string());
             }
             if step >= total_steps {
                 break 'epochs;
