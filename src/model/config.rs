@@ -1,5 +1,7 @@
 //! Model configuration: Hugging Face `config.json` keys, serde-deserializable from a pipeline
-//! YAML (`config: {architecture: llama, hidden_size: 128, ...}`) as well.
+//! YAML (`config: {architecture: llama, hidden_size: 128, ...}`) as well. What a key means when
+//! it is left out, or whether a family fixes it, is not decided here but read from the
+//! family's entry in `arch.rs`.
 
 use std::path::Path;
 
@@ -7,60 +9,10 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-/// The architecture families sepo can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Architecture {
-    /// `model_type: llama` (TinyLlama, Llama-2/3, llama2.c exports).
-    Llama,
-    /// `model_type: mistral`.
-    Mistral,
-    /// `model_type: qwen2` (q/k/v projections with bias).
-    Qwen2,
-    /// `model_type: gpt_neox` (Pythia).
-    GptNeox,
-}
-
-impl Architecture {
-    /// All supported `model_type` strings.
-    pub const NAMES: [&'static str; 4] = ["llama", "mistral", "qwen2", "gpt_neox"];
-
-    /// The Hugging Face `model_type`.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::Mistral => "mistral",
-            Architecture::Qwen2 => "qwen2",
-            Architecture::GptNeox => "gpt_neox",
-        }
-    }
-
-    /// The transformers class written to `architectures`.
-    pub fn hf_class(self) -> &'static str {
-        match self {
-            Architecture::Llama => "LlamaForCausalLM",
-            Architecture::Mistral => "MistralForCausalLM",
-            Architecture::Qwen2 => "Qwen2ForCausalLM",
-            Architecture::GptNeox => "GPTNeoXForCausalLM",
-        }
-    }
-
-    /// Parses a `model_type` / `architecture` string.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "llama" => Some(Architecture::Llama),
-            "mistral" => Some(Architecture::Mistral),
-            "qwen2" => Some(Architecture::Qwen2),
-            "gpt_neox" | "gpt-neox" => Some(Architecture::GptNeox),
-            _ => None,
-        }
-    }
-
-    /// Llama-style (RMSNorm, SwiGLU, separate q/k/v) as opposed to GPT-NeoX.
-    pub fn is_llama_like(self) -> bool {
-        !matches!(self, Architecture::GptNeox)
-    }
-}
+pub use super::arch::Architecture;
+use super::arch::{ConfigKeys, SlidingWindow};
+pub use super::rope::RopeScaling;
+use super::size::mem_total_bytes;
 
 /// A token id or a list of them (`eos_token_id` is a list in Llama-3 configs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,101 +30,6 @@ impl TokenIds {
         match self {
             TokenIds::One(id) => Some(*id),
             TokenIds::Many(ids) => ids.first().copied(),
-        }
-    }
-}
-
-/// Rotary-embedding frequency scaling (`rope_scaling` in Hugging Face configs).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    /// `{"rope_type": "linear", "factor": f}`: positions divided by `f`.
-    Linear {
-        /// Scale factor.
-        factor: f64,
-    },
-    /// `{"rope_type": "llama3", ...}` exactly as transformers' `_compute_llama3_parameters`.
-    Llama3 {
-        /// `factor` (8 in Llama 3.1).
-        factor: f64,
-        /// `low_freq_factor` (1).
-        low_freq_factor: f64,
-        /// `high_freq_factor` (4).
-        high_freq_factor: f64,
-        /// `original_max_position_embeddings` (8192).
-        original_max_position_embeddings: f64,
-    },
-}
-
-impl RopeScaling {
-    /// Parses a `rope_scaling` object; `None` for null / `default` rope.
-    pub fn from_json(value: &Value) -> Result<Option<Self>> {
-        if value.is_null() {
-            return Ok(None);
-        }
-        let obj = value
-            .as_object()
-            .with_context(|| format!("rope_scaling must be an object or null, got {value}"))?;
-        let kind = obj
-            .get("rope_type")
-            .or_else(|| obj.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let num = |key: &str| -> Result<f64> {
-            obj.get(key)
-                .and_then(Value::as_f64)
-                .with_context(|| format!("rope_scaling of type `{kind}` needs a number `{key}`"))
-        };
-        match kind {
-            "default" => Ok(None),
-            "linear" => Ok(Some(RopeScaling::Linear {
-                factor: num("factor")?,
-            })),
-            "llama3" => Ok(Some(RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            })),
-            other => bail!(
-                "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
-            ),
-        }
-    }
-
-    /// The Hugging Face JSON object.
-    pub fn to_json(&self) -> Value {
-        match self {
-            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => json!({
-                "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": *original_max_position_embeddings as u64,
-            }),
-        }
-    }
-}
-
-impl Serialize for RopeScaling {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.to_json().serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for RopeScaling {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = Value::deserialize(d)?;
-        match RopeScaling::from_json(&value).map_err(serde::de::Error::custom)? {
-            Some(s) => Ok(s),
-            // `rope_scaling: {rope_type: default}` means no scaling; represented as
-            // Linear{1} so that the Option stays Some without changing any number.
-            None => Ok(RopeScaling::Linear { factor: 1.0 }),
         }
     }
 }
@@ -395,8 +252,8 @@ impl ModelConfig {
                 self.num_attention_heads
             );
         }
-        if self.architecture == Architecture::GptNeox && kv != self.num_attention_heads {
-            bail!("gpt_neox has no grouped-query attention (num_key_value_heads must be unset)");
+        if !self.architecture.family().grouped_query() && kv != self.num_attention_heads {
+            bail!("{arch} has no grouped-query attention (num_key_value_heads must be unset)");
         }
         if self.max_position_embeddings == 0 {
             bail!("{arch}: max_position_embeddings (the context length) must be positive");
@@ -419,27 +276,18 @@ impl ModelConfig {
     /// `intermediate_size`, `head_dim`, `partial_rotary_factor`, `attention_bias`, `hidden_act`),
     /// so that a config that spells out a default serializes (and hashes) like one that omits it.
     pub fn resolved(&self) -> ModelConfig {
+        let family = self.architecture.family();
         let mut c = self.clone();
         c.num_key_value_heads = Some(self.num_kv_heads());
         c.intermediate_size = Some(self.intermediate_size());
         c.head_dim = Some(self.head_dim());
-        if c.partial_rotary_factor.is_none() {
-            c.partial_rotary_factor = Some(match self.architecture {
-                Architecture::GptNeox => 0.25,
-                _ => 1.0,
-            });
-        }
-        if c.attention_bias.is_none() && self.architecture != Architecture::Qwen2 {
+        c.partial_rotary_factor = Some(self.partial_rotary_factor());
+        // A family that fixes its q/k/v bias ignores `attention_bias`: left unset.
+        if c.attention_bias.is_none() && family.qkv_bias.is_none() {
             c.attention_bias = Some(self.qkv_bias());
         }
         if c.hidden_act.is_none() {
-            c.hidden_act = Some(
-                match self.architecture {
-                    Architecture::GptNeox => "gelu",
-                    _ => "silu",
-                }
-                .to_string(),
-            );
+            c.hidden_act = Some(family.hidden_act.to_string());
         }
         if c.rope_scaling == Some(RopeScaling::Linear { factor: 1.0 }) {
             c.rope_scaling = None;
@@ -460,59 +308,56 @@ impl ModelConfig {
 
     /// MLP width.
     pub fn intermediate_size(&self) -> usize {
-        // Saturating: for an absurd hidden_size this must not overflow (a panic in debug
-        // builds) before `check_size` can refuse the config with a message.
-        self.intermediate_size.unwrap_or(match self.architecture {
-            Architecture::GptNeox => self.hidden_size.saturating_mul(4),
-            _ => (self.hidden_size.saturating_mul(8) / 3)
-                .div_ceil(64)
-                .saturating_mul(64),
-        })
+        let default = self.architecture.family().intermediate_size;
+        self.intermediate_size
+            .unwrap_or_else(|| default(self.hidden_size))
+    }
+
+    /// Fraction of each head that is rotated.
+    pub fn partial_rotary_factor(&self) -> f64 {
+        let family = self.architecture.family();
+        self.partial_rotary_factor
+            .unwrap_or(family.partial_rotary_factor)
     }
 
     /// Number of rotated channels per head.
     pub fn rotary_dim(&self) -> usize {
-        let pct = self
-            .partial_rotary_factor
-            .unwrap_or(match self.architecture {
-                Architecture::GptNeox => 0.25,
-                _ => 1.0,
-            });
-        (self.head_dim() as f64 * pct) as usize
+        (self.head_dim() as f64 * self.partial_rotary_factor()) as usize
+    }
+
+    /// Epsilon of the family's norm (`rms_norm_eps` or `layer_norm_eps`).
+    pub fn norm_eps(&self) -> f64 {
+        if self.architecture.family().rms_norm {
+            self.rms_norm_eps
+        } else {
+            self.layer_norm_eps
+        }
     }
 
     /// Bias on q/k/v projections.
     pub fn qkv_bias(&self) -> bool {
-        match self.architecture {
-            Architecture::Qwen2 => true,
-            Architecture::GptNeox => self.attention_bias.unwrap_or(true),
-            _ => self.attention_bias.unwrap_or(false),
-        }
+        let family = self.architecture.family();
+        family
+            .qkv_bias
+            .unwrap_or(self.attention_bias.unwrap_or(family.attention_bias))
     }
 
     /// Bias on the attention output projection.
     pub fn o_bias(&self) -> bool {
-        match self.architecture {
-            Architecture::Qwen2 => false,
-            Architecture::GptNeox => self.attention_bias.unwrap_or(true),
-            _ => self.attention_bias.unwrap_or(false),
-        }
+        let family = self.architecture.family();
+        family
+            .o_bias
+            .unwrap_or(self.attention_bias.unwrap_or(family.attention_bias))
     }
 
     /// Bias on MLP projections.
     pub fn mlp_has_bias(&self) -> bool {
-        match self.architecture {
-            Architecture::GptNeox => true,
-            _ => self.mlp_bias,
-        }
+        self.architecture.family().mlp_bias.unwrap_or(self.mlp_bias)
     }
 
     /// The MLP activation.
     pub fn activation(&self) -> Result<Activation> {
-        let default = match self.architecture {
-            Architecture::GptNeox => "gelu",
-            _ => "silu",
-        };
+        let default = self.architecture.family().hidden_act;
         let name = self.hidden_act.as_deref().unwrap_or(default);
         Ok(match name {
             "silu" | "swish" => Activation::Silu,
@@ -525,110 +370,11 @@ impl ModelConfig {
 
     /// The attention window, when sliding-window attention is on.
     pub fn attention_window(&self) -> Option<usize> {
-        match self.architecture {
-            Architecture::Mistral => self.sliding_window,
-            Architecture::Qwen2 if self.use_sliding_window => self.sliding_window,
+        match self.architecture.family().sliding_window {
+            SlidingWindow::Always => self.sliding_window,
+            SlidingWindow::WhenEnabled if self.use_sliding_window => self.sliding_window,
             _ => None,
         }
-    }
-
-    /// Number of parameters the model built from this config has (`usize::MAX` if that does
-    /// not fit, which [`ModelConfig::validate`] refuses).
-    pub fn num_params(&self) -> usize {
-        self.checked_num_params().unwrap_or(usize::MAX)
-    }
-
-    /// Number of parameters, or `None` when the count overflows `usize`.
-    pub fn checked_num_params(&self) -> Option<usize> {
-        self.count_params(Some, |a, b| a?.checked_add(b?), |a, b| a?.checked_mul(b?))
-    }
-
-    /// The parameter count in floating point: never overflows, for messages about sizes that
-    /// do not fit.
-    pub fn approx_num_params(&self) -> f64 {
-        self.count_params(|x| x as f64, |a, b| a + b, |a, b| a * b)
-    }
-
-    /// The parameter-count formula, written once over any arithmetic (checked integers for the
-    /// count, floats for an estimate that cannot overflow).
-    fn count_params<T: Copy>(
-        &self,
-        num: impl Fn(usize) -> T,
-        add: impl Fn(T, T) -> T,
-        mul: impl Fn(T, T) -> T,
-    ) -> T {
-        let h = num(self.hidden_size);
-        let hd = num(self.head_dim());
-        let nh = num(self.num_attention_heads);
-        let kv = num(self.num_kv_heads());
-        let i = num(self.intermediate_size());
-        let v = num(self.vocab_size);
-        let zero = num(0);
-        let qkv_width = mul(add(nh, mul(num(2), kv)), hd);
-        let qkv = add(
-            mul(h, qkv_width),
-            if self.qkv_bias() { qkv_width } else { zero },
-        );
-        let o = add(mul(mul(nh, hd), h), if self.o_bias() { h } else { zero });
-        let (mlp, norms) = if self.architecture.is_llama_like() {
-            let b = if self.mlp_has_bias() {
-                add(mul(num(2), i), h)
-            } else {
-                zero
-            };
-            (add(mul(num(3), mul(h, i)), b), mul(num(2), h))
-        } else {
-            (add(add(mul(num(2), mul(h, i)), i), h), mul(num(4), h))
-        };
-        let per_layer = add(add(qkv, o), add(mlp, norms));
-        let final_norm = if self.architecture.is_llama_like() {
-            h
-        } else {
-            mul(num(2), h)
-        };
-        let embed = mul(v, h);
-        let head = if self.tie_word_embeddings {
-            zero
-        } else {
-            embed
-        };
-        add(
-            add(embed, mul(num(self.num_hidden_layers), per_layer)),
-            add(final_norm, head),
-        )
-    }
-
-    /// Refuses a model whose f32 weights do not fit in `usize` or exceed `mem_bytes` (the
-    /// machine's memory, when known), naming the keys that size it and the estimated size.
-    pub fn check_size(&self, mem_bytes: Option<u64>) -> Result<()> {
-        let bytes = self.checked_num_params().and_then(|n| n.checked_mul(4));
-        let approx = self.approx_num_params();
-        let too_big = match (bytes, mem_bytes) {
-            (None, _) => Some("more than this machine can address".to_string()),
-            (Some(b), Some(mem)) if b as u64 > mem => Some(format!(
-                "more than this machine's memory ({}, MemTotal in /proc/meminfo)",
-                human_bytes(mem as f64)
-            )),
-            _ => None,
-        };
-        if let Some(why) = too_big {
-            let c = self;
-            bail!(
-                "{}: the model is too large: about {approx:.3e} parameters, {} of f32 weights, {why}; \
-                 it is sized by vocab_size {}, hidden_size {}, num_hidden_layers {}, \
-                 intermediate_size {}, num_attention_heads {}, num_key_value_heads {}, head_dim {}",
-                c.architecture.model_type(),
-                human_bytes(approx * 4.0),
-                c.vocab_size,
-                c.hidden_size,
-                c.num_hidden_layers,
-                c.intermediate_size(),
-                c.num_attention_heads,
-                c.num_kv_heads(),
-                c.head_dim()
-            );
-        }
-        Ok(())
     }
 
     /// The `config.json` to write next to saved weights: Hugging Face keys, `model_type`,
@@ -669,12 +415,10 @@ impl ModelConfig {
         if self.pad_token_id.is_some() || self.source.contains_key("pad_token_id") {
             set("pad_token_id", ids(&self.pad_token_id));
         }
-        match arch {
-            Architecture::GptNeox => {
-                set(
-                    "rotary_pct",
-                    json!(self.partial_rotary_factor.unwrap_or(0.25)),
-                );
+        let family = arch.family();
+        match family.config_keys {
+            ConfigKeys::GptNeox => {
+                set("rotary_pct", json!(self.partial_rotary_factor()));
                 set("rotary_emb_base", json!(self.rope_theta));
                 set("layer_norm_eps", json!(self.layer_norm_eps));
                 set("use_parallel_residual", json!(self.use_parallel_residual));
@@ -683,7 +427,7 @@ impl ModelConfig {
                     set("rope_scaling", s.to_json());
                 }
             }
-            _ => {
+            ConfigKeys::Llama { biases } => {
                 set("num_key_value_heads", json!(self.num_kv_heads()));
                 set("head_dim", json!(self.head_dim()));
                 set("rms_norm_eps", json!(self.rms_norm_eps));
@@ -697,14 +441,14 @@ impl ModelConfig {
                 if let Some(p) = self.partial_rotary_factor {
                     set("partial_rotary_factor", json!(p));
                 }
-                if arch != Architecture::Qwen2 {
+                if biases {
                     set("attention_bias", json!(self.qkv_bias()));
                     set("mlp_bias", json!(self.mlp_bias));
                 }
-                if arch == Architecture::Mistral || arch == Architecture::Qwen2 {
+                if family.sliding_window != SlidingWindow::Never {
                     set("sliding_window", json!(self.sliding_window));
                 }
-                if arch == Architecture::Qwen2 {
+                if family.sliding_window == SlidingWindow::WhenEnabled {
                     set("use_sliding_window", json!(self.use_sliding_window));
                 }
             }
@@ -715,8 +459,8 @@ impl ModelConfig {
             None => json!({"rope_type": "default"}),
         };
         rope["rope_theta"] = json!(self.rope_theta);
-        if arch == Architecture::GptNeox {
-            rope["partial_rotary_factor"] = json!(self.partial_rotary_factor.unwrap_or(0.25));
+        if family.config_keys == ConfigKeys::GptNeox {
+            rope["partial_rotary_factor"] = json!(self.partial_rotary_factor());
         } else if let Some(p) = self.partial_rotary_factor {
             rope["partial_rotary_factor"] = json!(p);
         }
@@ -724,76 +468,5 @@ impl ModelConfig {
         set("dtype", json!("float32"));
         set("torch_dtype", json!("float32"));
         Value::Object(out)
-    }
-}
-
-/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), when the system says. Read
-/// once: planning validates every model stage's config.
-pub fn mem_total_bytes() -> Option<u64> {
-    static MEM: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *MEM.get_or_init(read_mem_total)
-}
-
-fn read_mem_total() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let mut words = line.split_whitespace().skip(1);
-    let n: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") => n.checked_mul(1024),
-        None => Some(n),
-        Some(_) => None,
-    }
-}
-
-/// `12.3 GiB`, or scientific notation past exbibytes.
-fn human_bytes(b: f64) -> String {
-    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut v = b;
-    for unit in UNITS {
-        if v < 1024.0 {
-            return if unit == "bytes" {
-                format!("{v:.0} bytes")
-            } else {
-                format!("{v:.1} {unit}")
-            };
-        }
-        v /= 1024.0;
-    }
-    format!("{b:.3e} bytes")
-}
-
-#[cfg(test)]
-mod size_tests {
-    use super::*;
-
-    #[test]
-    fn sizes_are_checked_without_overflow() {
-        let small = ModelConfig::default();
-        assert_eq!(small.checked_num_params(), Some(small.num_params()));
-        assert!(small.check_size(Some(1 << 40)).is_ok());
-        // Too big for 1 MiB, named with its keys and size.
-        let err = small.check_size(Some(1 << 20)).unwrap_err().to_string();
-        assert!(
-            err.contains("too large") && err.contains("hidden_size 256") && err.contains("MiB"),
-            "{err}"
-        );
-        // Overflows usize: an error, not a panic, whatever memory says.
-        let huge = ModelConfig {
-            hidden_size: 1 << 40,
-            num_attention_heads: 1,
-            ..ModelConfig::default()
-        };
-        assert_eq!(huge.checked_num_params(), None);
-        assert_eq!(huge.num_params(), usize::MAX);
-        let err = huge.check_size(None).unwrap_err().to_string();
-        assert!(err.contains("can address") && err.contains("hidden_size 1099511627776"));
-        assert!(huge.validate().is_err());
-        let wide = ModelConfig {
-            hidden_size: usize::MAX,
-            num_attention_heads: 1,
-            ..ModelConfig::default()
-        };
-        assert!(wide.validate().is_err());
     }
 }

@@ -5,11 +5,13 @@
 //! and saves Hugging Face folders (config.json + safetensors), and computes logits, per-token
 //! log-probabilities and continuations.
 
+pub mod arch;
 pub mod config;
 pub mod generate;
-pub mod gpt_neox;
-pub mod llama;
+pub mod layout;
+pub mod rope;
 pub mod safetensors_io;
+pub mod size;
 pub mod transformer;
 pub mod weights;
 
@@ -22,8 +24,11 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-pub use config::{Architecture, ModelConfig, RopeScaling, TokenIds};
+pub use arch::Architecture;
+pub use config::{ModelConfig, TokenIds};
 pub use generate::{GenerateOptions, Sampler};
+pub use layout::{Layout, VarPath};
+pub use rope::RopeScaling;
 pub use safetensors_io::HostTensor;
 pub use transformer::{Decoder, KvCache};
 
@@ -42,16 +47,14 @@ pub struct CausalLm {
 
 impl CausalLm {
     /// Loads a Hugging Face model folder (`config.json` and `model.safetensors` or shards with
-    /// `model.safetensors.index.json`) onto `device`. Weights may be f32, f16 or bf16; they are
+    /// `model.safetensors.index.json`, chosen by [`safetensors_io::WeightSource::find`]) onto
+    /// `device`. Weights may be f32, f16 or bf16; they are
     /// computed with in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
         let mut files = safetensors_io::WeightFiles::open(dir)?;
-        let decoder = match config.architecture {
-            Architecture::GptNeox => gpt_neox::load(&config, &mut files, device),
-            _ => llama::load(&config, &mut files, device),
-        }
-        .with_context(|| format!("loading model {}", dir.display()))?;
+        let decoder = weights::load(&config, &mut files, device)
+            .with_context(|| format!("loading model {}", dir.display()))?;
         Ok(CausalLm { decoder, config })
     }
 
@@ -63,10 +66,7 @@ impl CausalLm {
         config.validate()?;
         // A fresh model owes nothing to any source config.json.
         config.source.clear();
-        let decoder = match config.architecture {
-            Architecture::GptNeox => gpt_neox::init(&config, device, seed)?,
-            _ => llama::init(&config, device, seed)?,
-        };
+        let decoder = weights::init(&config, device, seed)?;
         Ok(CausalLm { decoder, config })
     }
 
@@ -88,10 +88,7 @@ impl CausalLm {
 
     /// The weights as Hugging Face tensors (names and layouts of transformers), in f32.
     pub fn hf_tensors(&self) -> Vec<(String, HostTensor)> {
-        match self.config.architecture {
-            Architecture::GptNeox => gpt_neox::export(&self.config, &self.decoder),
-            _ => llama::export(&self.config, &self.decoder),
-        }
+        weights::export(&self.config, &self.decoder)
     }
 
     /// The configuration.

@@ -1,5 +1,6 @@
 //! Reading Hugging Face weights (single `model.safetensors` or sharded with
 //! `model.safetensors.index.json`; f32, f16, bf16, f64) and writing them (f32, deterministic).
+//! Which files a folder's weights are is decided in one place, [`WeightSource::find`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,6 +42,88 @@ impl HostTensor {
     }
 }
 
+/// Which files hold a model folder's weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightSource {
+    /// `model.safetensors`.
+    Single(PathBuf),
+    /// `model.safetensors.index.json` and the shards its `weight_map` names (sorted, each once).
+    Sharded {
+        /// The index.
+        index: PathBuf,
+        /// The shards.
+        shards: Vec<PathBuf>,
+    },
+}
+
+impl WeightSource {
+    /// Finds the weights of `dir` by transformers' rule for a local folder
+    /// (`_get_resolved_checkpoint_files`): `model.safetensors` when it exists, else the index
+    /// and its shards. Loading and the `model` stage's hash both ask this one function, so a
+    /// folder holding both forms hashes exactly the files it loads. Errors name the folder,
+    /// and the index or shard at fault.
+    pub fn find(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() {
+            return Ok(WeightSource::Single(single));
+        }
+        if !index.is_file() {
+            if dir.join("pytorch_model.bin").is_file() {
+                bail!(
+                    "{} has only pytorch_model.bin; sepo reads safetensors (convert with \
+                     `transformers`: model.save_pretrained(dir, safe_serialization=True))",
+                    dir.display()
+                );
+            }
+            bail!(
+                "no model.safetensors or model.safetensors.index.json in {}",
+                dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{} has no `weight_map`", index.display()))?;
+        let names: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        if names.is_empty() {
+            bail!("{} lists no shard", index.display());
+        }
+        let shards: Vec<PathBuf> = names.into_iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
+            bail!(
+                "{}: shard listed in {} is missing",
+                missing.display(),
+                index.display()
+            );
+        }
+        Ok(WeightSource::Sharded { index, shards })
+    }
+
+    /// The files tensors are read from.
+    pub fn tensor_files(&self) -> &[PathBuf] {
+        match self {
+            WeightSource::Single(f) => std::slice::from_ref(f),
+            WeightSource::Sharded { shards, .. } => shards,
+        }
+    }
+
+    /// Every file that defines the weights, for hashing: the single file, or the index then
+    /// its shards.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            WeightSource::Single(f) => vec![f.clone()],
+            WeightSource::Sharded { index, shards } => {
+                std::iter::once(index).chain(shards).cloned().collect()
+            }
+        }
+    }
+}
+
 /// The safetensors files of a model folder, read lazily tensor by tensor.
 pub struct WeightFiles {
     files: Vec<(PathBuf, Vec<u8>)>,
@@ -50,38 +133,9 @@ pub struct WeightFiles {
 }
 
 impl WeightFiles {
-    /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`.
+    /// Opens the weight files of a model folder ([`WeightSource::find`]).
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        let paths: Vec<PathBuf> = if single.is_file() {
-            vec![single]
-        } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", index_path.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .with_context(|| format!("{} has no `weight_map`", index_path.display()))?;
-            let shards: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-            if shards.is_empty() {
-                bail!("{} lists no shard", index_path.display());
-            }
-            shards.into_iter().map(|f| dir.join(f)).collect()
-        } else if dir.join("pytorch_model.bin").is_file() {
-            bail!(
-                "{} has only pytorch_model.bin; sepo reads safetensors (convert with `transformers`: \
-                 model.save_pretrained(dir, safe_serialization=True))",
-                dir.display()
-            );
-        } else {
-            bail!(
-                "no model.safetensors or model.safetensors.index.json in {}",
-                dir.display()
-            );
-        };
+        let paths = WeightSource::find(dir)?.tensor_files().to_vec();
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in paths.into_iter().enumerate() {

@@ -2,7 +2,7 @@
 //! rotary attention with grouped-query heads, gated (SwiGLU) or plain MLP, sequential or
 //! parallel residuals, final norm and LM head.
 //!
-//! Layout choices (the families' loaders translate to and from Hugging Face's):
+//! Layout choices (`weights.rs` translates to and from Hugging Face's, see `layout.rs`):
 //! - linear weights are stored `[in, out]` (burn's layout, so `linear` needs no transpose);
 //! - q, k and v are one fused projection, columns ordered `[q heads | k heads | v heads]`;
 //! - the gated MLP's gate and up projections are one fused projection `[gate | up]`.
@@ -13,7 +13,8 @@ use burn::tensor::module::{attention, attention_fallback, embedding, layer_norm,
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use super::config::{Activation, ModelConfig, RopeScaling};
+use super::config::{Activation, ModelConfig};
+use super::rope::rope_inv_freq;
 use super::safetensors_io::HostTensor;
 
 /// A linear layer, weight `[in, out]`.
@@ -118,6 +119,7 @@ impl Spec {
     /// The spec of a config.
     pub fn from_config(c: &ModelConfig) -> anyhow::Result<Spec> {
         c.validate()?;
+        let family = c.architecture.family();
         let rot_dim = c.rotary_dim();
         Ok(Spec {
             n_heads: c.num_attention_heads,
@@ -126,54 +128,11 @@ impl Spec {
             rot_dim,
             inv_freq: rope_inv_freq(rot_dim, c.rope_theta, c.rope_scaling.as_ref()),
             act: c.activation()?,
-            gated: c.architecture.is_llama_like(),
+            gated: family.gated_mlp(),
             intermediate: c.intermediate_size(),
-            parallel_residual: !c.architecture.is_llama_like() && c.use_parallel_residual,
+            parallel_residual: family.parallel_residual && c.use_parallel_residual,
             window: c.attention_window(),
         })
-    }
-}
-
-/// Rotary inverse frequencies in f32, as transformers' `_compute_default_rope_parameters`,
-/// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` compute them.
-pub fn rope_inv_freq(dim: usize, base: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {
-    let base = base as f32;
-    let inv: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
-        .collect();
-    match scaling {
-        None => inv,
-        Some(RopeScaling::Linear { factor }) => inv.iter().map(|f| f / *factor as f32).collect(),
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        }) => {
-            let factor = *factor as f32;
-            let low = *low_freq_factor as f32;
-            let high = *high_freq_factor as f32;
-            let old = *original_max_position_embeddings as f32;
-            let low_freq_wavelen = old / low;
-            let high_freq_wavelen = old / high;
-            let two_pi = (2.0 * std::f64::consts::PI) as f32;
-            inv.iter()
-                .map(|&f| {
-                    let wavelen = two_pi / f;
-                    let scaled = if wavelen > low_freq_wavelen {
-                        f / factor
-                    } else {
-                        f
-                    };
-                    let smooth = (old / wavelen - low) / (high - low);
-                    let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                    // transformers: ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
-                    if medium { smoothed } else { scaled }
-                })
-                .collect()
-        }
     }
 }
 

@@ -12,6 +12,7 @@ use super::{
     Artifact, BuildContext, Role, RunContext, Stage, StageKind, parse_config, resolve, to_params,
 };
 use crate::error::user;
+use crate::model::safetensors_io::WeightSource;
 use crate::model::{CausalLm, ModelConfig};
 use crate::user_bail;
 
@@ -24,6 +25,7 @@ pub static KIND: StageKind = StageKind {
         many: false,
         kinds: &["tokenizer"],
     }],
+    uses_device: true,
     build,
 };
 
@@ -94,7 +96,7 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
                 if !CONFIG_KEYS.contains(&k.as_str()) {
                     user_bail!(
                         "`config.{k}` is not a model setting{}",
-                        crate::pipeline::spec::suggest(k, CONFIG_KEYS)
+                        crate::util::suggest(k, CONFIG_KEYS)
                     );
                 }
             }
@@ -137,31 +139,16 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
     }))
 }
 
-/// The files of a Hugging Face model folder that define it.
+/// The files of a Hugging Face model folder that define it: config.json, the weight files
+/// that loading reads ([`WeightSource::find`]: `model.safetensors` when present, else the
+/// index and its shards), and the tokenizer files present.
 pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         user_bail!("{}: model folder not found", dir.display());
     }
     let mut files = vec![dir.join("config.json")];
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        files.push(index.clone());
-        let v: Value = serde_json::from_slice(&std::fs::read(&index)?)
-            .map_err(|e| user(format!("{}: not valid JSON: {e}", index.display())))?;
-        let mut shards: Vec<String> = v["weight_map"]
-            .as_object()
-            .map(|m| {
-                m.values()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        shards.sort();
-        shards.dedup();
-        files.extend(shards.iter().map(|s| dir.join(s)));
-    } else {
-        files.push(dir.join("model.safetensors"));
-    }
+    let weights = WeightSource::find(dir).map_err(|e| user(format!("{e:#}")))?;
+    files.extend(weights.files());
     for extra in ["tokenizer.json", "tokenizer_config.json"] {
         if dir.join(extra).is_file() {
             files.push(dir.join(extra));
@@ -220,7 +207,7 @@ impl Stage for ModelStage {
                 let mut c = c.clone();
                 if c.get("vocab_size").is_none_or(Value::is_null) {
                     let (json, _) = tokenizer.as_ref().expect("checked in build");
-                    let tok = super::tokenizer::load(json)?;
+                    let tok = crate::tokenizer::load(json)?;
                     c.insert("vocab_size".into(), Value::from(tok.get_vocab_size(true)));
                 }
                 let mc: ModelConfig = serde_json::from_value(Value::Object(c))
@@ -249,7 +236,7 @@ impl Stage for ModelStage {
                 "the model has no tokenizer.json: add `inputs: {{tokenizer: <tokenizer stage>}}`"
             );
         };
-        let tok = super::tokenizer::load(&json)?;
+        let tok = crate::tokenizer::load(&json)?;
         if tok.get_vocab_size(true) > model.vocab_size() {
             user_bail!(
                 "the tokenizer has {} tokens but the model's vocabulary is {}",
