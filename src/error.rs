@@ -39,6 +39,16 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     if is_user_error(err) { 2 } else { 1 }
 }
 
+/// Whether the error is a write to a pipe whose reader is gone: stdout closed early, as in
+/// `sepo dag P.yaml | head -1` (sepo writes to no other pipe). The reader has what it wanted, so
+/// the command ends quietly with status 0, as ripgrep does.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Renders the chain as `outer: inner: innermost`, the way a user reads it on one line.
 ///
 /// Each part goes through [`clip_message`], so a message built elsewhere (serde, a library)

@@ -37,7 +37,7 @@ proptest! {
         if let Ok(mut p) = Pipeline::parse(&text, &dir.path().join("fuzz.yaml")) {
             let _ = p.apply_set("a.b=1");
             let _ = sepo::pipeline::graph::Graph::build(&p);
-            let _ = sepo::pipeline::executor::Plan::new(p);
+            let _ = sepo::pipeline::executor::Plan::new(p, &sepo::stages::REGISTRY);
         }
     }
 

@@ -1,9 +1,14 @@
-//! Decoding: greedy, temperature and nucleus (top-p) sampling, seeded.
+//! Decoding: greedy, temperature and nucleus (top-p) sampling, seeded; and text in, text out
+//! for a model folder ([`generate_text`]).
+
+use std::path::Path;
 
 use anyhow::Result;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::error::user;
+use crate::progress::Progress;
+use crate::user_bail;
 
 /// How to continue a prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,6 +159,86 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// `--temperature` and `--top-p` as the command line names them, checked before anything is
+/// loaded ([`GenerateOptions::validate`] holds the same bounds for every caller).
+pub fn check_sampling_flags(temperature: f32, top_p: f32) -> Result<()> {
+    if !temperature.is_finite() || temperature < 0.0 {
+        user_bail!(
+            "--temperature must be a finite number at least 0 (0, the default, is greedy), got {temperature}"
+        );
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        user_bail!("--top-p must be in (0, 1] (1, the default, keeps every token), got {top_p}");
+    }
+    Ok(())
+}
+
+/// Continues `prompt` with the model folder `dir` (config.json, weights, tokenizer.json) on
+/// `device`. `opts.max_new_tokens` is lowered to what fits in the model's context
+/// (`max_position_embeddings`), with a note on `progress`; a prompt that fills the context alone
+/// is an input error. Generation stops at the end-of-sequence token the `tokenize` stage appends
+/// ([`crate::tokenizer::eos_token`]), else at config.json's `eos_token_id`.
+pub fn generate_text(
+    dir: &Path,
+    device: &str,
+    prompt: &str,
+    mut opts: GenerateOptions,
+    progress: &Progress,
+) -> Result<String> {
+    use super::CausalLm;
+    if !dir.join("config.json").is_file() {
+        user_bail!("{}: not a model folder (no config.json)", dir.display());
+    }
+    opts.validate()?;
+    let device = crate::device::parse_device(device).map_err(|e| user(e.to_string()))?;
+    let json = dir.join("tokenizer.json");
+    let tok = crate::tokenizer::load(&json)?;
+    let tcfg = crate::template::read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+    let model = CausalLm::load(dir, &device).map_err(|e| user(format!("{e:#}")))?;
+    // A folder from elsewhere may name no end token in tokenizer_config.json, or one its
+    // vocabulary lacks: then config.json's `eos_token_id`, as transformers' generate does.
+    let eos = crate::tokenizer::eos_token(&tok, tcfg.as_ref(), &json)
+        .ok()
+        .flatten()
+        .map(|(_, id)| id)
+        .or_else(|| model.config().eos_token_id.as_ref().and_then(|t| t.first()));
+    let enc = tok
+        .encode(prompt, true)
+        .map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
+    let ids = enc.get_ids().to_vec();
+    if ids.is_empty() {
+        user_bail!(
+            "the prompt encodes to no tokens and the tokenizer adds no BOS: give a --prompt"
+        );
+    }
+    opts.eos_token_id = eos;
+    let context = model.context_length();
+    let budget = opts.new_token_budget(ids.len(), context)?;
+    if budget < opts.max_new_tokens {
+        progress.log(format!(
+            "note: --max-new-tokens {} lowered to {budget}: the prompt's {} tokens and the \
+             continuation must fit in the model's context of {context} (max_position_embeddings)",
+            opts.max_new_tokens,
+            ids.len()
+        ));
+    }
+    let out = model.generate(&ids, &opts)?;
+    let new: Vec<u32> = out.into_iter().filter(|t| Some(*t) != eos).collect();
+    let mut all = ids.clone();
+    all.extend(&new);
+    // Decoding prompt and continuation together keeps SentencePiece's spaces right.
+    let full = tok
+        .decode(&all, true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    let head = tok
+        .decode(&ids, true)
+        .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+    Ok(full
+        .strip_prefix(&head)
+        .map(|rest| format!("{prompt}{rest}"))
+        .unwrap_or(full))
 }
 
 #[cfg(test)]

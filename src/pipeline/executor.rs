@@ -2,7 +2,7 @@
 //! stages in dependency order, independent ones concurrently, each behind a per-hash lock).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime};
 
@@ -11,14 +11,15 @@ use serde_json::Value;
 
 use super::graph::Graph;
 use super::hash::{FileHasher, HashInput, stage_hash};
-use super::spec::{InputRef, Pipeline, suggest};
+use super::spec::{InputRef, Pipeline};
+use super::stage::{Artifact, BuildContext, Registry, RunContext, Stage, StageKind};
 use super::store::{
     FileEntry, MANIFEST, Manifest, Store, describe_files, rfc3339_utc, write_atomic,
 };
 use crate::error::{clip, user};
 use crate::progress::Progress;
-use crate::stages::{self, Artifact, BuildContext, RunContext, Stage, StageKind};
 use crate::user_bail;
+use crate::util::suggest;
 
 /// One stage, validated and hashed.
 pub struct Planned {
@@ -39,14 +40,17 @@ pub struct Plan {
     pub store: Store,
     /// Every stage of the pipeline, in topological order.
     pub stages: Vec<Planned>,
+    /// The stage kinds it was planned with (what `gc` knows as sepo's artifacts).
+    pub registry: &'static Registry,
     /// Stage name -> position in `stages`: [`Plan::get`] is O(1), so loops over stages that look
     /// others up stay linear.
     index: HashMap<String, usize>,
 }
 
 impl Plan {
-    /// Validates and hashes every stage. Reads data files only to hash them (with a stat cache).
-    pub fn new(pipeline: Pipeline) -> Result<Plan> {
+    /// Validates and hashes every stage, of the kinds `registry` lists. Reads data files only to
+    /// hash them (with a stat cache).
+    pub fn new(pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
         let fname = pipeline.file.display().to_string();
         let graph = Graph::build(&pipeline)?;
         let store = Store::new(pipeline.cache.clone());
@@ -64,12 +68,12 @@ impl Plan {
             let decl = decls[name.as_str()];
             let shown = clip(name);
             let ctx = || format!("{fname}: stage `{shown}` ({})", clip(&decl.kind));
-            let Some(kind) = stages::lookup(&decl.kind) else {
+            let Some(kind) = registry.lookup(&decl.kind) else {
                 user_bail!(
                     "{fname}: stage `{shown}`: unknown stage kind `{}`{} (known: {})",
                     clip(&decl.kind),
-                    suggest(&decl.kind, &stages::kind_names()),
-                    stages::kind_names().join(", ")
+                    suggest(&decl.kind, &registry.kind_names()),
+                    registry.kind_names().join(", ")
                 );
             };
             // Upstream stages are planned already (topological order), so they are in `index`.
@@ -161,6 +165,7 @@ impl Plan {
             graph,
             store,
             stages: planned,
+            registry,
             index,
         })
     }
@@ -350,6 +355,72 @@ pub fn run(plan: &Plan, opts: &RunOptions, progress: &Progress) -> Result<RunRep
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// `sepo run` on a plan. A real run first refuses a device that a stage which would run cannot
+/// use (before anything runs), readies the cache and records the pipeline there with the
+/// `--cache` and `--set` it was `loaded_with`, so that `gc` from another pipeline keeps its
+/// artifacts; then it builds and logs a summary. A dry run writes the plan to `out` instead: one
+/// line per selected stage, `run` or `fresh`, with its kind and hash.
+pub fn run_pipeline(
+    plan: &Plan,
+    opts: &RunOptions,
+    loaded_with: (Option<&Path>, &[String]),
+    progress: &Progress,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    if !opts.dry_run {
+        check_device(plan, opts)?;
+        plan.store.prepare()?;
+        // Only so that `gc` from another pipeline keeps this one's artifacts: a cache that
+        // cannot record it still builds.
+        if let Err(e) = super::gc::register(plan, loaded_with.0, loaded_with.1) {
+            progress.log(format!("warning: {}", crate::error::render(&e)));
+        }
+    }
+    let t0 = Instant::now();
+    let report = run(plan, opts, progress)?;
+    if opts.dry_run {
+        for (name, action) in &report {
+            let s = plan.get(name)?;
+            writeln!(out, "{action:<6} {name:<16} {:<10} {}", s.kind.kind, s.hash)?;
+        }
+    } else {
+        let ran = report.iter().filter(|r| r.1 == "run").count();
+        progress.log(format!(
+            "{ran} stage(s) run, {} fresh, in {:.2}s; cache {}",
+            report.len() - ran,
+            t0.elapsed().as_secs_f64(),
+            plan.store.root.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a device that is unknown or absent, but only when a stage that would run computes on
+/// it ([`StageKind::uses_device`]): a data-only pipeline runs whatever `device:` says. Checked
+/// before anything runs, so a bad device never fails a run halfway.
+pub fn check_device(plan: &Plan, opts: &RunOptions) -> Result<()> {
+    let preview = RunOptions {
+        dry_run: true,
+        ..opts.clone()
+    };
+    let report = run(plan, &preview, &Progress::new(true))?;
+    let user = report
+        .iter()
+        .filter(|(_, action)| *action == "run")
+        .filter_map(|(name, _)| plan.get(name).ok())
+        .find(|s| s.kind.uses_device);
+    if let Some(s) = user {
+        crate::device::parse_device(&opts.device).map_err(|e| {
+            crate::error::user(format!(
+                "{e} (stage `{}` ({}) would run on it; pick another with `device:` or --device)",
+                clip(&s.name),
+                s.kind.kind
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 fn build_stage(

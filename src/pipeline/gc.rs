@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::executor::Plan;
 use super::spec::Pipeline;
 use super::store::{EntryType, MANIFEST, Store, entry_type, is_hash_name, write_atomic};
+use crate::progress::Progress;
 use crate::user_bail;
 
 /// Kinds of artifacts that stages derive and share rather than declare (see `Store::derived`).
@@ -101,8 +102,9 @@ pub fn register(plan: &Plan, cache_override: Option<&Path>, set: &[String]) -> R
     Ok(())
 }
 
-/// Re-plans a recorded pipeline as it was last run; `None` with the reason if it can't be.
-fn replan(rec: &UseRecord) -> std::result::Result<Plan, String> {
+/// Re-plans a recorded pipeline as it was last run, with the stage kinds `plan` knows; `None`
+/// with the reason if it can't be.
+fn replan(plan: &Plan, rec: &UseRecord) -> std::result::Result<Plan, String> {
     let mut p = Pipeline::load(&rec.file).map_err(|e| crate::error::render(&e))?;
     if let Some(c) = &rec.cache {
         p.cache = c.clone();
@@ -110,7 +112,7 @@ fn replan(rec: &UseRecord) -> std::result::Result<Plan, String> {
     for s in &rec.set {
         p.apply_set(s).map_err(|e| crate::error::render(&e))?;
     }
-    Plan::new(p).map_err(|e| crate::error::render(&e))
+    Plan::new(p, plan.registry).map_err(|e| crate::error::render(&e))
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -126,6 +128,28 @@ pub struct GcReport {
     pub deleted: Vec<(PathBuf, u64)>,
     /// Notes for stderr: what was kept and why, what was skipped.
     pub notes: Vec<String>,
+}
+
+impl GcReport {
+    /// On stderr (`progress`, silent under `--quiet`): the notes, then how many entries and
+    /// bytes were deleted (or would be, in a dry run).
+    pub fn log(&self, progress: &Progress, dry_run: bool) {
+        for n in &self.notes {
+            progress.log(n);
+        }
+        let n = self.deleted.len();
+        let freed: u64 = self.deleted.iter().map(|d| d.1).sum();
+        progress.log(format!(
+            "{n} entr{}, {:.1} MB{}",
+            if n == 1 { "y" } else { "ies" },
+            freed as f64 / 1e6,
+            if dry_run {
+                " (dry run: nothing deleted)"
+            } else {
+                " deleted"
+            }
+        ));
+    }
 }
 
 /// Deletes every cache entry that no pipeline using the cache points to now. `out` receives one
@@ -178,7 +202,7 @@ pub fn collect(plan: &Plan, dry_run: bool, out: &mut dyn Write) -> Result<GcRepo
             forget.push(rec.file.clone());
             continue;
         }
-        match replan(&rec) {
+        match replan(plan, &rec) {
             Ok(other) if !same_dir(&other.store.root, &root) => {
                 report.notes.push(format!(
                     "forgetting {}: it now uses another cache ({})",
@@ -219,7 +243,7 @@ pub fn collect(plan: &Plan, dry_run: bool, out: &mut dyn Write) -> Result<GcRepo
         .collect();
 
     // Artifacts: `<kind>/<hash>` folders, read without following links.
-    let stage_kinds = crate::stages::kind_names();
+    let stage_kinds = plan.registry.kind_names();
     let mut kinds: Vec<(String, PathBuf)> = Vec::new();
     for e in std::fs::read_dir(&root).with_context(|| format!("{}: cannot list", root.display()))? {
         let e = e?;
@@ -305,7 +329,7 @@ pub fn collect(plan: &Plan, dry_run: bool, out: &mut dyn Write) -> Result<GcRepo
         }
     }
 
-    collect_tmp(&store, &kept_hashes, dry_run, out, &mut report)?;
+    collect_tmp(plan, &store, &kept_hashes, dry_run, out, &mut report)?;
     Ok(report)
 }
 
@@ -328,6 +352,7 @@ fn remove_tree(store: &Store, path: &Path, tag: &str) -> Result<()> {
 /// Debris in `tmp/`: trash of a killed gc, the old copy a killed forced rebuild swapped out, work
 /// folders no current stage can resume from, and unused lock files.
 fn collect_tmp(
+    plan: &Plan,
     store: &Store,
     kept_hashes: &HashSet<&str>,
     dry_run: bool,
@@ -371,7 +396,7 @@ fn collect_tmp(
             let parts: Vec<&str> = rest.splitn(3, '.').collect();
             let ok = parts.len() == 3
                 && digits(parts[0])
-                && (crate::stages::lookup(parts[1]).is_some() || DERIVED_KINDS.contains(&parts[1]));
+                && (plan.registry.lookup(parts[1]).is_some() || DERIVED_KINDS.contains(&parts[1]));
             (
                 parts.last().copied().unwrap_or(""),
                 "left by an interrupted gc",

@@ -5,9 +5,10 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use anyhow::Result;
 
-use super::spec::{Pipeline, suggest};
+use super::spec::Pipeline;
 use crate::error::clip;
 use crate::user_bail;
+use crate::util::suggest;
 
 #[derive(Debug, Clone)]
 pub struct Graph {

@@ -1,10 +1,13 @@
-//! The pipeline engine: YAML spec, DAG, hashing, the artifact store and the executor.
+//! The pipeline engine: YAML spec, DAG, hashing, the artifact store, the stage contract and the
+//! executor.
 
+pub mod dag;
 pub mod executor;
 pub mod gc;
 pub mod graph;
 pub mod hash;
 pub mod spec;
+pub mod stage;
 pub mod store;
 
 pub use spec::{Pipeline, StageDecl};

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{clip, user};
 use crate::user_bail;
+use crate::util::suggest;
 
 const TOP_LEVEL_KEYS: &[&str] = &["name", "cache", "device", "seed", "stages"];
 
@@ -62,6 +63,25 @@ impl Pipeline {
             ))
         })?;
         Self::parse(&text, file)
+    }
+
+    /// Reads a pipeline file as a command does: `cache` (`--cache`) overrides the YAML's cache,
+    /// which must be a folder or a place to make one, then each `set` (`--set`) is applied.
+    pub fn load_with(file: &Path, cache: Option<&Path>, set: &[String]) -> Result<Pipeline> {
+        let mut pipeline = Self::load(file)?;
+        if let Some(c) = cache {
+            pipeline.cache = c.to_path_buf();
+        }
+        let from = if cache.is_some() {
+            "--cache"
+        } else {
+            "`cache`"
+        };
+        check_cache_path(&pipeline.cache, from)?;
+        for s in set {
+            pipeline.apply_set(s)?;
+        }
+        Ok(pipeline)
     }
 
     /// Parses YAML text as if read from `file`.
@@ -195,6 +215,32 @@ impl Pipeline {
     }
 }
 
+/// The cache must be a folder or a path where one can be made. A regular file there (or above
+/// it) is the user's mistake, said plainly by every command instead of a failed `mkdir` in
+/// `run` or an all-stale `status`.
+fn check_cache_path(cache: &Path, from: &str) -> Result<()> {
+    for a in cache.ancestors() {
+        if a.as_os_str().is_empty() || !a.exists() {
+            continue;
+        }
+        if a.is_dir() {
+            return Ok(());
+        }
+        if a == cache {
+            user_bail!(
+                "{from} {}: is a file; the cache must be a folder (it holds the artifacts)",
+                cache.display()
+            );
+        }
+        user_bail!(
+            "{from} {}: {} is a file, so no cache folder can be made there",
+            cache.display(),
+            a.display()
+        );
+    }
+    Ok(())
+}
+
 /// Removes `.` and `name/..` pairs without touching the file system, so paths print cleanly.
 pub fn normalize(p: &Path) -> PathBuf {
     use std::path::Component;
@@ -320,35 +366,6 @@ pub fn yaml_to_json(v: &serde_yaml::Value, fname: &str) -> Result<Value> {
         }
         serde_yaml::Value::Tagged(t) => yaml_to_json(&t.value, fname)?,
     })
-}
-
-/// " (did you mean `x`?)" when a close candidate exists.
-pub fn suggest(word: &str, candidates: &[&str]) -> String {
-    let len = word.chars().count();
-    candidates
-        .iter()
-        // The distance is at least the difference in length: skipping hopeless candidates
-        // keeps a huge word (a megabyte `--stage` value) from costing len x len per candidate.
-        .filter(|c| len.abs_diff(c.chars().count()) <= 2.max(c.len() / 3))
-        .map(|c| (edit_distance(word, c), *c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min()
-        .map(|(_, c)| format!(" (did you mean `{c}`?)"))
-        .unwrap_or_default()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::logprobs::{data_file, ensure};
 use super::{Artifact, BuildContext, Role, RunContext, Stage, StageKind, parse_config, to_params};
 use crate::data::parquet as pq;
+use crate::logprobs::{data_file, ensure};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -33,6 +33,7 @@ pub static KIND: StageKind = StageKind {
             kinds: &["tokenize"],
         },
     ],
+    uses_device: true,
     build,
 };
 
@@ -55,7 +56,7 @@ pub fn check_same_vocabulary(a: &Artifact, b: &Artifact) -> Result<()> {
     let vocab = |x: &Artifact| -> Result<(usize, String)> {
         let cfg: Value = serde_json::from_slice(&std::fs::read(x.dir.join("model/config.json"))?)?;
         let n = cfg["vocab_size"].as_u64().unwrap_or(0) as usize;
-        let tok = crate::pipeline::hash::hash_file(&x.dir.join("model/tokenizer.json"))
+        let tok = crate::pipeline::stage::hash_file(&x.dir.join("model/tokenizer.json"))
             .unwrap_or_default();
         Ok((n, tok))
     };

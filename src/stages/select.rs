@@ -19,6 +19,7 @@ pub static KIND: StageKind = StageKind {
         many: false,
         kinds: &["score"],
     }],
+    uses_device: false,
     build,
 };
 

@@ -29,6 +29,7 @@ pub static KIND: StageKind = StageKind {
             kinds: &["tokenizer", "model", "train"],
         },
     ],
+    uses_device: false,
     build,
 };
 
@@ -104,22 +105,14 @@ impl Stage for Tokenize {
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let (tok_path, tok_cfg) = super::tokenizer::files_of(ctx.input("tokenizer")?)?;
-        let tok = super::tokenizer::load(&tok_path)?;
-        let eos = tok_cfg
-            .as_ref()
-            .and_then(|c| special_token(c, "eos_token"))
+        let tok = crate::tokenizer::load(&tok_path)?;
+        let (eos, eos_id) = crate::tokenizer::eos_token(&tok, tok_cfg.as_ref(), &tok_path)?
             .ok_or_else(|| {
                 user(format!(
                     "{}: no `eos_token` in tokenizer_config.json",
                     tok_path.display()
                 ))
             })?;
-        let eos_id = tok.token_to_id(&eos).ok_or_else(|| {
-            user(format!(
-                "eos_token {eos:?} is not in {}",
-                tok_path.display()
-            ))
-        })?;
         let template = Template::new(self.cfg.template, tok_cfg.as_ref())?;
         let pairs = super::ingest::read_pairs(&ctx.input("data")?.dir.join("pairs.parquet"))?;
         let bar = ctx.progress.bar(ctx.stage, pairs.len() as u64, "rows");

@@ -25,6 +25,7 @@ pub static KIND: StageKind = StageKind {
         many: false,
         kinds: &["ingest"],
     }],
+    uses_device: false,
     build,
 };
 
@@ -41,7 +42,7 @@ const EOS_CANDIDATES: &[&str] = &[
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TrainConfig {
+pub struct BpeTrainConfig {
     #[serde(default = "default_vocab")]
     pub vocab_size: usize,
     #[serde(default = "default_min_frequency")]
@@ -72,7 +73,7 @@ pub struct TokenizerConfig {
     pub path: Option<String>,
     /// Train a byte-level BPE tokenizer on the `data` input's train split instead.
     #[serde(default)]
-    pub train: Option<TrainConfig>,
+    pub train: Option<BpeTrainConfig>,
     /// Overrides the end-of-sequence token appended to every response.
     #[serde(default)]
     pub eos_token: Option<String>,
@@ -135,7 +136,7 @@ impl Stage for TokenizerStage {
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let (tok, mut config) = match (&self.json_path(), &self.cfg.train) {
             (Some(p), _) => {
-                let tok = load(p)?;
+                let tok = crate::tokenizer::load(p)?;
                 let config = read_tokenizer_config(&p.with_file_name("tokenizer_config.json"))?
                     .unwrap_or_else(|| json!({}));
                 (tok, config)
@@ -187,19 +188,6 @@ impl Stage for TokenizerStage {
 
 const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// Loads a tokenizer.json, as a user error if it does not parse.
-pub fn load(path: &Path) -> Result<Tokenizer> {
-    if !path.is_file() {
-        user_bail!("{}: tokenizer file not found", path.display());
-    }
-    Tokenizer::from_file(path).map_err(|e| {
-        user(format!(
-            "{}: not a valid tokenizer.json: {e}",
-            path.display()
-        ))
-    })
-}
-
 /// The tokenizer files of an upstream artifact: a `tokenizer` stage keeps them at its root, a
 /// model stage under `model/`.
 pub fn files_of(a: &Artifact) -> Result<(PathBuf, Option<Value>)> {
@@ -213,7 +201,7 @@ pub fn files_of(a: &Artifact) -> Result<(PathBuf, Option<Value>)> {
     user_bail!("stage `{}` ({}) holds no tokenizer.json", a.stage, a.kind)
 }
 
-fn train(pairs_path: &Path, t: &TrainConfig, ctx: &RunContext) -> Result<Tokenizer> {
+fn train(pairs_path: &Path, t: &BpeTrainConfig, ctx: &RunContext) -> Result<Tokenizer> {
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::{

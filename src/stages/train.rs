@@ -6,11 +6,11 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::logprobs::{data_file, ensure};
 use super::tokenize::read_tokens;
 use super::{BuildContext, Role, RunContext, Stage, StageKind, parse_config, to_params};
 use crate::data::parquet as pq;
 use crate::error::user;
+use crate::logprobs::{data_file, ensure};
 use crate::train::trainer::{self, Example, Objective, StepMetrics, TrainSpec};
 use crate::user_bail;
 
@@ -37,6 +37,7 @@ pub static KIND: StageKind = StageKind {
             kinds: &["tokenize", "select"],
         },
     ],
+    uses_device: true,
     build,
 };
 

@@ -190,7 +190,7 @@ pub fn train(
                 lr,
                 ..Default::default()
             };
-            let mut pair_sums = [0.0f64; 6];
+            let mut pair_sums = PairSums::default();
             for micro in group {
                 let batch: Vec<&Example> = micro.iter().map(|&i| &examples[i]).collect();
                 let weight = if spec.objective.is_pairwise() {
@@ -203,27 +203,12 @@ pub fn train(
                 let loss = out.loss.mul_scalar(weight);
                 m.loss += scalar(&loss);
                 if let Some(pl) = &out.pair {
-                    let pm = pl.metrics();
-                    for (acc, v) in pair_sums.iter_mut().zip([
-                        out.mean_pc,
-                        out.mean_pr,
-                        pm.reward_chosen,
-                        pm.reward_rejected,
-                        pm.reward_margin,
-                        pm.reward_accuracy,
-                    ]) {
-                        *acc += v * weight;
-                    }
+                    pair_sums.add(out.mean_pc, out.mean_pr, &pl.metrics(), weight);
                 }
                 grads.accumulate(&model, &mut loss.backward());
             }
             if spec.objective.is_pairwise() {
-                m.logps_chosen = Some(pair_sums[0]);
-                m.logps_rejected = Some(pair_sums[1]);
-                m.reward_chosen = Some(pair_sums[2]);
-                m.reward_rejected = Some(pair_sums[3]);
-                m.reward_margin = Some(pair_sums[4]);
-                m.reward_accuracy = Some(pair_sums[5]);
+                pair_sums.write_to(&mut m);
             }
             m.grad_norm = grads.clip_total_norm(if spec.max_grad_norm > 0.0 {
                 spec.max_grad_norm
@@ -315,6 +300,40 @@ fn scalar(t: &Tensor<1>) -> f64 {
         .try_to_vec::<f64>()
         .map(|v| v[0])
         .unwrap_or(f64::NAN)
+}
+
+/// A step's pairwise metrics: sums over its micro-batches, each weighted by its share of the
+/// step's pairs, so they are the step's means.
+#[derive(Default)]
+struct PairSums {
+    logps_chosen: f64,
+    logps_rejected: f64,
+    reward_chosen: f64,
+    reward_rejected: f64,
+    reward_margin: f64,
+    reward_accuracy: f64,
+}
+
+impl PairSums {
+    /// Adds a micro-batch: its mean log-probs of the chosen and rejected responses, and its
+    /// objective's metrics.
+    fn add(&mut self, logps_c: f64, logps_r: f64, pm: &objectives::PairMetrics, weight: f64) {
+        self.logps_chosen += logps_c * weight;
+        self.logps_rejected += logps_r * weight;
+        self.reward_chosen += pm.reward_chosen * weight;
+        self.reward_rejected += pm.reward_rejected * weight;
+        self.reward_margin += pm.reward_margin * weight;
+        self.reward_accuracy += pm.reward_accuracy * weight;
+    }
+
+    fn write_to(&self, m: &mut StepMetrics) {
+        m.logps_chosen = Some(self.logps_chosen);
+        m.logps_rejected = Some(self.logps_rejected);
+        m.reward_chosen = Some(self.reward_chosen);
+        m.reward_rejected = Some(self.reward_rejected);
+        m.reward_margin = Some(self.reward_margin);
+        m.reward_accuracy = Some(self.reward_accuracy);
+    }
 }
 
 struct MicroOut {

@@ -1,17 +1,17 @@
 //! Per-response log-probs of a model on a tokenized data set, cached in the store as an
 //! artifact of their own (`<cache>/logprobs/<hash>/logprobs.parquet`, hash of the model's and the
 //! data's hashes). The reference model's log-probs are computed once and reused by the oracle's
-//! DPO, every DPO/IPO baseline and the score stage, whatever their learning rates.
+//! DPO, every DPO/IPO baseline and the score stage, whatever their learning rates. Not a stage
+//! kind: no pipeline declares it; the `train` and `score` stages derive it through the store.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde_json::json;
 
-use super::tokenize::{TokenRow, read_tokens};
-use super::{Artifact, RunContext};
 use crate::data::parquet as pq;
-use crate::pipeline::hash::HASH_HEX_LEN;
+use crate::pipeline::stage::{Artifact, HASH_HEX_LEN, RunContext};
+use crate::stages::tokenize::{TokenRow, read_tokens};
 
 const VERSION: &str = "1";
 
@@ -49,7 +49,7 @@ pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -
     let dir = ctx.store.derived("logprobs", &hash, inputs, |out| {
         let rows = read_tokens(&data_file(data))?;
         let device = crate::device::parse_device(ctx.device).map_err(|e| crate::error::user(e.to_string()))?;
-        let lm = super::model::load_artifact(model, &device)?;
+        let lm = crate::stages::model::load_artifact(model, &device)?;
         let t0 = std::time::Instant::now();
         let lp = compute(&lm, &rows, &device, ctx, role)?;
         let tokens: usize = lp.chosen.iter().chain(&lp.rejected).map(Vec::len).sum();
