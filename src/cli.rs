@@ -182,7 +182,7 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) if crate::error::is_broken_pipe(&e) => 0,
         Err(e) => {
-            eprintln!("error: {}", render(&e));
+            let _ = writeln!(std::io::stderr(), "error: {}", render(&e));
             exit_code(&e)
         }
     }
@@ -253,7 +253,8 @@ fn verify(a: VerifyArgs, out: &mut dyn Write) -> Result<i32> {
     let plan = plan(&a.p)?;
     let bad = crate::inspect::verify(out, &plan)?;
     if bad > 0 {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "error: {bad} artifact(s) changed since they were written; rebuild with `sepo run {} --from STAGE`",
             plan.pipeline.file.display()
         );

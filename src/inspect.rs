@@ -15,6 +15,7 @@ use crate::user_bail;
 /// hash: one line per stage, or SPEC's JSON `[{"stage","kind","state","hash","path"}]`.
 pub fn status(out: &mut dyn Write, plan: &Plan, json: bool) -> Result<()> {
     let state = |fresh: bool| if fresh { "fresh" } else { "stale" };
+    let last = crate::pipeline::why::last_built(plan);
     if json {
         let rows: Vec<Value> = plan
             .stages
@@ -26,6 +27,7 @@ pub fn status(out: &mut dyn Write, plan: &Plan, json: bool) -> Result<()> {
                     "state": state(s.fresh),
                     "hash": s.hash,
                     "path": plan.artifact_dir(s).display().to_string(),
+                    "why": crate::pipeline::why::why(plan, s, &last),
                 })
             })
             .collect();
@@ -33,9 +35,15 @@ pub fn status(out: &mut dyn Write, plan: &Plan, json: bool) -> Result<()> {
     } else {
         for s in &plan.stages {
             let (name, kind) = (&s.name, s.kind.kind);
+            let why = crate::pipeline::why::why(plan, s, &last);
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", why.join("; "))
+            };
             writeln!(
                 out,
-                "{name:<16} {kind:<10} {:<6} {}",
+                "{name:<16} {kind:<10} {:<6} {}{why}",
                 state(s.fresh),
                 s.hash
             )?;

@@ -28,9 +28,11 @@ impl Progress {
         if self.quiet {
             return;
         }
-        // indicatif draws nothing when stderr is not a terminal; logs must still reach it.
+        // indicatif draws nothing when stderr is not a terminal; logs must still reach it. A
+        // closed stderr (`2>&1 | head`) must not end a long run: the write error is dropped.
         if self.multi.is_hidden() {
-            eprintln!("{}", msg.as_ref());
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "{}", msg.as_ref());
         } else {
             let _ = self.multi.println(msg.as_ref());
         }

@@ -69,3 +69,25 @@ fn a_reader_that_stops_early_ends_sepo_quietly_with_status_0() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// `sepo run P.yaml 2>&1 | head -2`: once the reader of the logs is gone, the run still finishes
+/// its stages (log lines are dropped, never fatal) and exits 0.
+#[test]
+fn a_closed_stderr_never_ends_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pipeline(dir.path(), &small_yaml(""));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sepo"))
+        .args(["run", &p])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is dropped here: every later log line hits a closed pipe.
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?} after {first:?}");
+    assert!(status(&p).iter().all(|s| s.1 == "fresh"));
+}

@@ -379,7 +379,28 @@ pub fn run_pipeline(
         }
     }
     let t0 = Instant::now();
-    let report = run(plan, opts, progress)?;
+    if !opts.dry_run {
+        let last = super::why::last_built(plan);
+        let preview = RunOptions {
+            dry_run: true,
+            ..opts.clone()
+        };
+        for (name, action) in run(plan, &preview, &Progress::new(true))? {
+            let s = plan.get(&name)?;
+            if action == "run" && !s.fresh {
+                let why = super::why::why(plan, s, &last).join("; ");
+                progress.log(format!("  stale  {name}: {why}"));
+            }
+        }
+    }
+    let result = run(plan, opts, progress);
+    if !opts.dry_run
+        && let Err(e) = super::why::remember(plan)
+    {
+        // Only feeds `status`'s explanations: never fails a run.
+        progress.log(format!("warning: {}", crate::error::render(&e)));
+    }
+    let report = result?;
     if opts.dry_run {
         for (name, action) in &report {
             let s = plan.get(name)?;

@@ -9,5 +9,6 @@ pub mod hash;
 pub mod spec;
 pub mod stage;
 pub mod store;
+pub mod why;
 
 pub use spec::{Pipeline, StageDecl};
