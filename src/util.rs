@@ -16,6 +16,33 @@ pub fn suggest(word: &str, candidates: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then
+/// renamed over `path` (tempfile's `persist`), so a reader sees the old bytes or the new, never
+/// half. The one way sepo writes a file that something else may read concurrently or after a
+/// crash: manifests, the file-hash and integrity state, optimizer state, checkpoints.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut f = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.as_file().sync_all())
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    f.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
+
+/// A time as RFC 3339 UTC to the second (`2026-11-27T12:15:30Z`), as manifests record it.
+pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

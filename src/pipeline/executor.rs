@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -13,9 +13,7 @@ use super::graph::Graph;
 use super::hash::{FileHasher, HashInput, stage_hash};
 use super::spec::{InputRef, Pipeline};
 use super::stage::{Artifact, BuildContext, Registry, RunContext, Stage, StageKind};
-use super::store::{
-    FileEntry, MANIFEST, Manifest, Store, describe_files, rfc3339_utc, write_atomic,
-};
+use super::store::{BuildSpec, FileEntry, Store};
 use crate::error::{clip, user};
 use crate::progress::Progress;
 use crate::user_bail;
@@ -454,21 +452,54 @@ fn build_stage(
     let fname = plan.pipeline.file.display();
     let ctx = || format!("{fname}: stage `{}` ({})", p.name, p.kind.kind);
     let store = &plan.store;
-    let (_lock, waited) = store.lock(&p.hash).with_context(ctx)?;
-    if store.is_fresh(p.kind.kind, &p.hash) && (!force || waited) {
+    let spec = BuildSpec {
+        stage: p.name.clone(),
+        kind: p.kind.kind.to_string(),
+        hash: p.hash.clone(),
+        params: p.stage.params(),
+        inputs: Value::Object(p.input_hashes.clone().into_iter().collect()),
+        external_files: p.external_files.clone(),
+        force,
+    };
+    let built = store
+        .build(spec, |out, work| {
+            progress.log(format!("  run    {} ({}) {}", p.name, p.kind.kind, p.hash));
+            let inputs = input_artifacts(plan, p)?;
+            let rctx = RunContext {
+                stage: &p.name,
+                out,
+                work,
+                inputs: &inputs,
+                device: &opts.device,
+                progress,
+                store,
+            };
+            // A panic inside the stage becomes an error here, so the store still cleans up.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::testhook::panic_at("panic-in-stage", &p.name);
+                p.stage.run(&rctx)
+            }))
+            .unwrap_or_else(|payload| Err(panic_error(plan, p, payload.as_ref())))
+        })
+        .with_context(ctx)?;
+    if built.found {
         progress.log(format!(
             "  fresh  {} ({}): built by another sepo process",
             p.name, p.kind.kind
         ));
-        return Ok(());
+    } else {
+        progress.log(format!(
+            "  done   {} ({}) in {:.2}s",
+            p.name, p.kind.kind, built.secs
+        ));
     }
-    progress.log(format!("  run    {} ({}) {}", p.name, p.kind.kind, p.hash));
-    let work = store.work_dir(&p.hash);
-    let out = work.join("out");
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(ctx)?;
-    }
-    std::fs::create_dir_all(&out).with_context(ctx)?;
+    Ok(())
+}
+
+/// The stage's input artifacts by role, each checked before it is read: never build on a
+/// damaged input (sizes always, content when a file changed since it was last seen intact).
+fn input_artifacts(plan: &Plan, p: &Planned) -> Result<BTreeMap<String, Vec<Artifact>>> {
+    let store = &plan.store;
     let mut inputs: BTreeMap<String, Vec<Artifact>> = BTreeMap::new();
     for (role, ups) in &p.inputs {
         let mut arts = Vec::new();
@@ -476,15 +507,10 @@ fn build_stage(
             let up = plan.get(u)?;
             let manifest = store
                 .manifest(up.kind.kind, &up.hash)
-                .map_err(|e| damaged(plan, u, vec![crate::error::render(&e)]))
-                .with_context(ctx)?;
-            // Never build on a damaged input: sizes always, content when a file changed since
-            // it was last seen intact.
-            let problems = store
-                .check(up.kind.kind, &up.hash, &manifest)
-                .with_context(ctx)?;
+                .map_err(|e| damaged(plan, u, vec![crate::error::render(&e)]))?;
+            let problems = store.check(up.kind.kind, &up.hash, &manifest)?;
             if !problems.is_empty() {
-                return Err(damaged(plan, u, problems)).with_context(ctx);
+                return Err(damaged(plan, u, problems));
             }
             arts.push(Artifact {
                 stage: u.clone(),
@@ -496,74 +522,7 @@ fn build_stage(
         }
         inputs.insert(role.clone(), arts);
     }
-    let t0 = Instant::now();
-    let created = rfc3339_utc(SystemTime::now());
-    let rctx = RunContext {
-        stage: &p.name,
-        out: &out,
-        work: &work,
-        inputs: &inputs,
-        device: &opts.device,
-        progress,
-        store,
-    };
-    // A panic inside the stage is turned into an error here, so the clean-up below still runs.
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::testhook::panic_at("panic-in-stage", &p.name);
-        p.stage.run(&rctx)
-    }))
-    .unwrap_or_else(|payload| Err(panic_error(plan, p, payload.as_ref())));
-    let result = ran.and_then(|stats| {
-        let files = describe_files(&out)?;
-        let manifest = Manifest {
-            stage: p.name.clone(),
-            kind: p.kind.kind.to_string(),
-            hash: p.hash.clone(),
-            params: p.stage.params(),
-            inputs: Value::Object(p.input_hashes.clone().into_iter().collect()),
-            external_files: p.external_files.clone(),
-            files,
-            stats,
-            sepo_version: env!("CARGO_PKG_VERSION").to_string(),
-            created,
-            wall_time_s: t0.elapsed().as_secs_f64(),
-        };
-        write_atomic(&out.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
-        crate::testhook::abort_at("abort-before-commit", &p.name);
-        store.commit(&out, p.kind.kind, &p.hash)
-    });
-    match result {
-        Ok(_) => {
-            let _ = std::fs::remove_dir_all(&work);
-            let _ = std::fs::remove_file(store.root.join("tmp").join(format!("{}.lock", p.hash)));
-            progress.log(format!(
-                "  done   {} ({}) in {:.2}s",
-                p.name,
-                p.kind.kind,
-                t0.elapsed().as_secs_f64()
-            ));
-            Ok(())
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&out);
-            // Keep the work folder only when it holds something worth resuming (a checkpoint).
-            if std::fs::read_dir(&work)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false)
-            {
-                let _ = std::fs::remove_dir(&work);
-            }
-            let _ = std::fs::remove_file(store.root.join("tmp").join(format!("{}.lock", p.hash)));
-            let tmp = store.root.join("tmp");
-            if std::fs::read_dir(&tmp)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false)
-            {
-                let _ = std::fs::remove_dir(&tmp);
-            }
-            Err(e.context(ctx()))
-        }
-    }
+    Ok(inputs)
 }
 
 /// The error for a panic inside a stage: a failure (exit 1), naming the stage, never a hang.

@@ -143,10 +143,8 @@ impl FileHasher {
         if let Some(parent) = path.parent()
             && std::fs::create_dir_all(parent).is_ok()
         {
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, serde_json::to_vec(&*entries).unwrap_or_default()).is_ok() {
-                let _ = std::fs::rename(&tmp, path);
-            }
+            let _ =
+                crate::util::write_atomic(path, &serde_json::to_vec(&*entries).unwrap_or_default());
         }
     }
 }

@@ -8,7 +8,6 @@
 //! first time sepo writes into it; `gc` refuses any folder without one.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -17,6 +16,7 @@ use serde_json::Value;
 
 use super::hash::{HASH_HEX_LEN, hash_file};
 use crate::error::user;
+pub use crate::util::{rfc3339_utc, write_atomic};
 
 pub const MANIFEST: &str = "manifest.json";
 /// Written into a cache folder when sepo first writes there; `gc` touches only marked folders.
@@ -51,9 +51,19 @@ pub struct Store {
     pub root: PathBuf,
 }
 
-/// An exclusive lock on one stage hash, held while the stage builds; released on drop.
+/// An exclusive lock on one stage hash, held while the stage builds. On drop it removes its
+/// lock file (while still holding the lock) and releases it: a finished build leaves no debris.
+/// A process that opened the file just before sees the artifact fresh once it gets the lock.
 pub struct StageLock {
-    _file: File,
+    file: Option<File>,
+    path: PathBuf,
+}
+
+impl Drop for StageLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.file.take());
+    }
 }
 
 /// Whether `name` has the shape of an artifact hash (what every `<kind>/<hash>` folder is named).
@@ -371,14 +381,23 @@ impl Store {
                 return Err(e).with_context(|| format!("{}: lock failed", path.display()));
             }
         };
-        Ok((StageLock { _file: file }, waited))
+        Ok((
+            StageLock {
+                file: Some(file),
+                path,
+            },
+            waited,
+        ))
     }
 
     /// The lock on `hash` if no other process holds it now (gc never waits for a build).
     pub fn try_lock(&self, hash: &str) -> Result<Option<StageLock>> {
         let file = self.lock_file(hash)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(StageLock { _file: file })),
+            Ok(()) => Ok(Some(StageLock {
+                file: Some(file),
+                path: self.lock_path(hash),
+            })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).with_context(|| format!("{}: lock failed", self.lock_path(hash).display()))
@@ -449,48 +468,115 @@ fn sync_tree(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("partial{}", std::process::id()));
-    {
-        let mut f =
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+/// Everything a manifest records besides the files: what built the artifact and from what.
+pub struct BuildSpec {
+    /// The stage's name, or `(kind)` for a derived artifact.
+    pub stage: String,
+    pub kind: String,
+    pub hash: String,
+    pub params: Value,
+    pub inputs: Value,
+    pub external_files: Vec<FileEntry>,
+    /// Rebuild even when an intact artifact exists (a forced stage), unless another process
+    /// built it while this one waited for the lock.
+    pub force: bool,
 }
 
-/// Seconds since the epoch as RFC 3339 UTC (no time-zone database needed).
-pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// What [`Store::build`] did.
+pub struct Built {
+    pub dir: PathBuf,
+    /// Whether an intact artifact was found (built before, or by another process meanwhile).
+    pub found: bool,
+    pub secs: f64,
 }
 
 impl Store {
+    /// Whether the artifact exists, its manifest agrees with its folder, and its files pass the
+    /// cheap integrity check.
+    pub fn is_intact(&self, kind: &str, hash: &str) -> bool {
+        self.is_fresh(kind, hash)
+            && self
+                .manifest(kind, hash)
+                .and_then(|m| self.check(kind, hash, &m))
+                .is_ok_and(|p| p.is_empty())
+    }
+
+    /// The one way an artifact comes to exist, for stages and derived artifacts alike: under the
+    /// hash's lock, `body` writes the files into an empty `out` folder (with `work` beside it for
+    /// what a rerun may resume from), then the manifest is written last and the folder committed
+    /// by one rename. On failure nothing is committed and only a resumable work folder remains.
+    pub fn build(
+        &self,
+        spec: BuildSpec,
+        body: impl FnOnce(&Path, &Path) -> Result<Value>,
+    ) -> Result<Built> {
+        let t0 = std::time::Instant::now();
+        let (kind, hash) = (spec.kind.as_str(), spec.hash.as_str());
+        let dest = self.artifact_dir(kind, hash);
+        let (lock, waited) = self.lock(hash)?;
+        if self.is_intact(kind, hash) && (!spec.force || waited) {
+            return Ok(Built {
+                dir: dest,
+                found: true,
+                secs: 0.0,
+            });
+        }
+        let work = self.work_dir(hash);
+        let out = work.join("out");
+        if entry_type(&out).is_some() {
+            std::fs::remove_dir_all(&out)
+                .with_context(|| format!("{}: cannot clear", out.display()))?;
+        }
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
+        let created = rfc3339_utc(std::time::SystemTime::now());
+        let result = body(&out, &work).and_then(|stats| {
+            let manifest = Manifest {
+                stage: spec.stage.clone(),
+                kind: kind.to_string(),
+                hash: hash.to_string(),
+                params: spec.params,
+                inputs: spec.inputs,
+                external_files: spec.external_files,
+                files: describe_files(&out)?,
+                stats,
+                sepo_version: env!("CARGO_PKG_VERSION").to_string(),
+                created,
+                wall_time_s: t0.elapsed().as_secs_f64(),
+            };
+            write_atomic(&out.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
+            crate::testhook::abort_at("abort-before-commit", &spec.stage);
+            self.commit(&out, kind, hash)
+        });
+        match result {
+            Ok(dir) => {
+                let _ = std::fs::remove_dir_all(&work);
+                drop(lock);
+                Ok(Built {
+                    dir,
+                    found: false,
+                    secs: t0.elapsed().as_secs_f64(),
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&out);
+                // Keep the work folder only when it holds something worth resuming (a checkpoint).
+                if std::fs::read_dir(&work).is_ok_and(|mut d| d.next().is_none()) {
+                    let _ = std::fs::remove_dir(&work);
+                }
+                drop(lock);
+                let tmp = self.root.join("tmp");
+                if std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_none()) {
+                    let _ = std::fs::remove_dir(&tmp);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Builds (once) an artifact that stages derive and share rather than declare — reference
-    /// log-probs, for instance — with the same lock, atomic commit and manifest as a stage.
-    /// `inputs` names what it was derived from; `build` writes its files into the folder given.
+    /// log-probs, for instance. `inputs` names what it was derived from; `build` writes its files
+    /// into the folder given. A damaged one is rebuilt: it is only a cache of a computation.
     pub fn derived(
         &self,
         kind: &str,
@@ -499,49 +585,19 @@ impl Store {
         build: impl FnOnce(&Path) -> Result<Value>,
     ) -> Result<PathBuf> {
         let dest = self.artifact_dir(kind, hash);
-        // A derived artifact is only a cache of a computation: one that fails its integrity
-        // check is rebuilt (the commit swaps the damaged folder out) instead of being read.
-        let intact = |s: &Store| {
-            s.is_fresh(kind, hash)
-                && s.manifest(kind, hash)
-                    .and_then(|m| s.check(kind, hash, &m))
-                    .is_ok_and(|p| p.is_empty())
+        if self.is_intact(kind, hash) {
+            return Ok(dest);
+        }
+        let spec = BuildSpec {
+            stage: format!("({kind})"),
+            kind: kind.to_string(),
+            hash: hash.to_string(),
+            params: Value::Null,
+            inputs,
+            external_files: Vec::new(),
+            force: false,
         };
-        if intact(self) {
-            return Ok(dest);
-        }
-        let (_lock, _) = self.lock(hash)?;
-        if intact(self) {
-            return Ok(dest);
-        }
-        let work = self.work_dir(hash);
-        let out = work.join("out");
-        if out.exists() {
-            std::fs::remove_dir_all(&out)?;
-        }
-        std::fs::create_dir_all(&out)?;
-        let t0 = std::time::Instant::now();
-        let created = rfc3339_utc(std::time::SystemTime::now());
-        let result = build(&out).and_then(|stats| {
-            let manifest = Manifest {
-                stage: format!("({kind})"),
-                kind: kind.to_string(),
-                hash: hash.to_string(),
-                params: Value::Null,
-                inputs,
-                external_files: Vec::new(),
-                files: describe_files(&out)?,
-                stats,
-                sepo_version: env!("CARGO_PKG_VERSION").to_string(),
-                created,
-                wall_time_s: t0.elapsed().as_secs_f64(),
-            };
-            write_atomic(&out.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)?;
-            self.commit(&out, kind, hash)
-        });
-        let _ = std::fs::remove_dir_all(&work);
-        let _ = std::fs::remove_file(self.root.join("tmp").join(format!("{hash}.lock")));
-        result
+        Ok(self.build(spec, |out, _work| build(out))?.dir)
     }
 }
 

@@ -18,13 +18,15 @@
 //!   record restores them, a model re-created from safetensors does not, and a mismatch silently
 //!   restarts the moments at zero). State here is keyed by the parameter path instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+use safetensors::tensor::{Dtype as SafeDtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 // ------------------------------------------------------------------------------------------------
 // gradients
@@ -294,40 +296,31 @@ impl AdamW {
         module
     }
 
-    /// Serializes the configuration and every state tensor (raw bytes, so a reload is bit-exact).
+    /// Serializes the configuration and every state tensor as a safetensors file: tensors
+    /// `<param>.exp_avg` and `<param>.exp_avg_sq` (raw bytes, so a reload is bit-exact), the
+    /// format, the configuration and each parameter's step in the header's metadata. Any
+    /// safetensors reader (Python's included) can open it.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut blob = Vec::new();
-        let mut params = Vec::with_capacity(self.states.len());
+        let mut raws = Vec::with_capacity(2 * self.states.len());
+        let mut steps = BTreeMap::new();
         for (path, s) in &self.states {
-            let m = raw(&s.exp_avg);
-            let v = raw(&s.exp_avg_sq);
-            params.push(StateHeader {
-                path: path.clone(),
-                step: s.step,
-                numel: m.numel,
-                dtype: m.dtype.clone(),
-                exp_avg: (blob.len() as u64, m.bytes.len() as u64),
-                exp_avg_sq: (
-                    blob.len() as u64 + m.bytes.len() as u64,
-                    v.bytes.len() as u64,
-                ),
-            });
-            assert_eq!(m.dtype, v.dtype);
-            blob.extend_from_slice(&m.bytes);
-            blob.extend_from_slice(&v.bytes);
+            raws.push((format!("{path}.exp_avg"), raw(&s.exp_avg)));
+            raws.push((format!("{path}.exp_avg_sq"), raw(&s.exp_avg_sq)));
+            steps.insert(path.clone(), s.step);
         }
-        let header = Header {
-            format: FORMAT.to_string(),
-            config: self.config.clone(),
-            params,
-        };
-        let header = serde_json::to_vec(&header).expect("header serializes");
-        let mut out = Vec::with_capacity(MAGIC.len() + 8 + header.len() + blob.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&blob);
-        out
+        let views: Vec<(String, TensorView)> = raws
+            .iter()
+            .map(|(name, r)| {
+                let view = TensorView::new(r.dtype, vec![r.numel], &r.bytes)
+                    .expect("sizes agree by construction");
+                (name.clone(), view)
+            })
+            .collect();
+        // One metadata key: a HashMap of several would be written in a random order, and the
+        // same state must always give the same bytes.
+        let meta = serde_json::json!({"format": FORMAT, "config": self.config, "steps": steps});
+        let metadata = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
+        safetensors::serialize(views, Some(metadata)).expect("valid safetensors")
     }
 
     /// The inverse of [`to_bytes`](Self::to_bytes); state tensors are created on `device` (use the
@@ -335,68 +328,51 @@ impl AdamW {
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
         // Optimizer state never takes part in autodiff.
         let device = &device.clone().without_autodiff();
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("not a sepo AdamW state file ({e})"))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow::anyhow!("not a sepo AdamW state file ({e})"))?;
+        let meta: Value = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .and_then(|v| serde_json::from_str(v).ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!("not a sepo AdamW state file (no `{META_KEY}` metadata)")
+            })?;
+        let format = meta["format"].as_str().unwrap_or("");
         ensure!(
-            bytes.len() >= MAGIC.len() + 8 && &bytes[..MAGIC.len()] == MAGIC,
-            "not a sepo AdamW state file"
+            format == FORMAT,
+            "AdamW state format {format:?}, expected {FORMAT:?}"
         );
-        let hlen =
-            u64::from_le_bytes(bytes[MAGIC.len()..MAGIC.len() + 8].try_into().unwrap()) as usize;
-        let start = MAGIC.len() + 8;
-        ensure!(
-            bytes.len() >= start + hlen,
-            "AdamW state truncated (header)"
-        );
-        let header: Header =
-            serde_json::from_slice(&bytes[start..start + hlen]).context("AdamW state header")?;
-        ensure!(
-            header.format == FORMAT,
-            "AdamW state format {:?}, expected {FORMAT:?}",
-            header.format
-        );
-        let blob = &bytes[start + hlen..];
+        let config: AdamWConfig =
+            serde_json::from_value(meta["config"].clone()).context("AdamW state config")?;
+        let steps: BTreeMap<String, u64> =
+            serde_json::from_value(meta["steps"].clone()).context("AdamW state steps")?;
         let mut states = BTreeMap::new();
-        for p in header.params {
-            let tensor = |(off, len): (u64, u64)| -> Result<Tensor<1>> {
-                let (off, len) = (off as usize, len as usize);
-                ensure!(
-                    off + len <= blob.len(),
-                    "AdamW state truncated ({})",
-                    p.path
-                );
-                let dtype = parse_dtype(&p.dtype)?;
-                ensure!(
-                    len == p.numel * dtype.size(),
-                    "AdamW state {}: {} bytes for {} {} values",
-                    p.path,
-                    len,
-                    p.numel,
-                    p.dtype
-                );
-                let data =
-                    TensorData::from_bytes_vec(blob[off..off + len].to_vec(), [p.numel], dtype);
+        for (path, step) in steps {
+            let tensor = |name: String| -> Result<Tensor<1>> {
+                let v = st
+                    .tensor(&name)
+                    .map_err(|e| anyhow::anyhow!("AdamW state {name}: {e}"))?;
+                let dtype = from_st_dtype(v.dtype())?;
+                let numel: usize = v.shape().iter().product();
+                let data = TensorData::from_bytes_vec(v.data().to_vec(), [numel], dtype);
                 Ok(Tensor::from_data(data, (device, dtype)))
             };
             let state = AdamState {
-                step: p.step,
-                exp_avg: tensor(p.exp_avg)?,
-                exp_avg_sq: tensor(p.exp_avg_sq)?,
+                step,
+                exp_avg: tensor(format!("{path}.exp_avg"))?,
+                exp_avg_sq: tensor(format!("{path}.exp_avg_sq"))?,
             };
-            states.insert(p.path, state);
+            states.insert(path, state);
         }
-        Ok(Self {
-            config: header.config,
-            states,
-        })
+        Ok(Self { config, states })
     }
 
-    /// Writes [`to_bytes`](Self::to_bytes) to `path` (through a temporary file and a rename).
+    /// Writes [`to_bytes`](Self::to_bytes) to `path` atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.to_bytes())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-        Ok(())
+        crate::util::write_atomic(path.as_ref(), &self.to_bytes())
     }
 
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
@@ -407,56 +383,39 @@ impl AdamW {
     }
 }
 
-const MAGIC: &[u8] = b"SEPO-ADAMW\n";
-const FORMAT: &str = "sepo-adamw-1";
-
-#[derive(Serialize, Deserialize)]
-struct Header {
-    format: String,
-    config: AdamWConfig,
-    params: Vec<StateHeader>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StateHeader {
-    path: String,
-    step: u64,
-    numel: usize,
-    dtype: String,
-    /// (offset, length) in bytes into the data that follows the header.
-    exp_avg: (u64, u64),
-    exp_avg_sq: (u64, u64),
-}
+const FORMAT: &str = "sepo-adamw-2";
+/// The safetensors metadata key holding format, configuration and steps (as one JSON object).
+const META_KEY: &str = "sepo_adamw";
 
 struct Raw {
     bytes: Vec<u8>,
-    dtype: String,
+    dtype: SafeDtype,
     numel: usize,
 }
 
 fn raw(t: &Tensor<1>) -> Raw {
     let data = t.to_data();
     let dtype = match data.dtype() {
-        DType::F64 => "f64",
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
+        DType::F64 => SafeDtype::F64,
+        DType::F32 => SafeDtype::F32,
+        DType::F16 => SafeDtype::F16,
+        DType::BF16 => SafeDtype::BF16,
         other => panic!("AdamW state of dtype {other:?} cannot be saved"),
     };
     Raw {
         numel: data.num_elements(),
         bytes: data.as_bytes().to_vec(),
-        dtype: dtype.to_string(),
+        dtype,
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f64" => DType::F64,
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype {other:?} in AdamW state"),
+fn from_st_dtype(d: SafeDtype) -> Result<DType> {
+    Ok(match d {
+        SafeDtype::F64 => DType::F64,
+        SafeDtype::F32 => DType::F32,
+        SafeDtype::F16 => DType::F16,
+        SafeDtype::BF16 => DType::BF16,
+        other => bail!("AdamW state of dtype {other:?} is not supported"),
     })
 }
 

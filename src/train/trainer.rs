@@ -153,11 +153,19 @@ pub fn train(
     let mut start_step = 0u64;
     let mut elapsed_before = 0.0;
     let state_path = ckpt_dir.join("state.json");
-    if state_path.is_file() {
+    let optim_path = ckpt_dir.join("optim.safetensors");
+    if state_path.is_file() && !optim_path.is_file() {
+        // A checkpoint an older sepo wrote (its optimizer state had another format): the only
+        // safe resume is none.
+        progress.log(format!(
+            "         {label}: ignoring the checkpoint in {} (written by an older sepo); starting over",
+            ckpt_dir.display()
+        ));
+    } else if state_path.is_file() {
         let state: CkptState = serde_json::from_slice(&std::fs::read(&state_path)?)
             .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
         model = load_module(model, ckpt_dir.join("model.bpk"))?;
-        opt = AdamW::load(ckpt_dir.join("optim.bin"), device)?;
+        opt = AdamW::load(&optim_path, device)?;
         start_step = state.step;
         elapsed_before = state.elapsed_s;
         metrics = state.metrics;
@@ -268,14 +276,14 @@ fn checkpoint(
     }
     std::fs::create_dir_all(&tmp)?;
     save_module(model, tmp.join("model.bpk"))?;
-    opt.save(tmp.join("optim.bin"))?;
+    opt.save(tmp.join("optim.safetensors"))?;
     let elapsed = metrics.last().map_or(0.0, |m| m.elapsed_s);
     let state = CkptState {
         step,
         elapsed_s: elapsed,
         metrics: metrics.to_vec(),
     };
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec(&state)?)?;
+    crate::util::write_atomic(&tmp.join("state.json"), &serde_json::to_vec(&state)?)?;
     for f in std::fs::read_dir(&tmp)? {
         std::fs::File::open(f?.path())?.sync_all()?;
     }
