@@ -1,6 +1,6 @@
 //! The `sepo` command line: argument structs and one small function per command; the work is
-//! done by the engine (`pipeline`), `inspect`, `export` and `model::generate`. Results go to
-//! stdout through one writer; progress and logs to stderr.
+//! done by the engine (`pipeline`), `inspect`, `export`, `model::generate` and `schema`. Results
+//! go to stdout through one writer; progress and logs to stderr.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -61,6 +61,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Continue a prompt with a model stage (or any Hugging Face folder given with --model).
     Generate(GenerateArgs),
+    /// Print the JSON Schema of pipeline files (schemas/pipeline.schema.json is its output).
+    Schema,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +200,7 @@ fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<i32> {
         Command::Verify(a) => verify(a, out),
         Command::Export(a) => export(a, out),
         Command::Generate(a) => generate(a, out),
+        Command::Schema => crate::schema::write(out).map(|()| 0),
     }
 }
 
@@ -223,8 +226,7 @@ fn run(a: RunArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn status(a: StatusArgs, out: &mut dyn Write) -> Result<i32> {
-    crate::inspect::status(out, &plan(&a.p)?, a.json)?;
-    Ok(0)
+    crate::inspect::status(out, &plan(&a.p)?, a.json).map(|()| 0)
 }
 
 fn show(a: ShowArgs, out: &mut dyn Write) -> Result<i32> {
@@ -239,8 +241,7 @@ fn show(a: ShowArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn dag(a: DagArgs, out: &mut dyn Write) -> Result<i32> {
-    dag::write(out, &plan(&a.p)?, a.format)?;
-    Ok(0)
+    dag::write(out, &plan(&a.p)?, a.format).map(|()| 0)
 }
 
 fn gc(a: GcArgs, out: &mut dyn Write) -> Result<i32> {

@@ -105,7 +105,11 @@ pub fn model_dir(plan: &Plan, stage: &str) -> Result<PathBuf> {
         );
     }
     check_intact(plan, stage)?;
-    Ok(plan.artifact_dir(s).join("model"))
+    Ok(
+        crate::artifacts::model::ModelDir::in_artifact(&plan.artifact_dir(s))
+            .path()
+            .to_path_buf(),
+    )
 }
 
 /// What `sepo show` prints of an artifact.

@@ -1,6 +1,7 @@
 //! sepo: Selective Preference Optimization (arXiv 2408.13518) as a reproducible,
 //! content-hashed dataflow pipeline. The product contract is `SPEC.md`'s copy in the README.
 
+pub mod artifacts;
 pub mod cli;
 pub mod data;
 pub mod device;
@@ -11,6 +12,7 @@ pub mod logprobs;
 pub mod model;
 pub mod pipeline;
 pub mod progress;
+pub mod schema;
 pub mod stages;
 pub mod template;
 pub mod testhook;

@@ -4,16 +4,18 @@
 //! DPO, every DPO/IPO baseline and the score stage, whatever their learning rates. Not a stage
 //! kind: no pipeline declares it; the `train` and `score` stages derive it through the store.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use serde_json::json;
 
+use crate::artifacts::{Artifact, ModelDir, TokenRow, Tokens};
 use crate::data::parquet as pq;
-use crate::pipeline::stage::{Artifact, HASH_HEX_LEN, RunContext};
-use crate::stages::tokenize::{TokenRow, read_tokens};
+use crate::pipeline::stage::{HASH_HEX_LEN, RunContext};
 
 const VERSION: &str = "1";
+/// The file a log-probs artifact holds.
+const FILE: &str = "logprobs.parquet";
 
 /// Log-probs of every response token (EOS included), row-aligned with the data.
 pub struct Logprobs {
@@ -31,15 +33,6 @@ impl Logprobs {
     }
 }
 
-/// The Parquet file holding the token columns of a `tokenize`, `score` or `select` artifact.
-pub fn data_file(a: &Artifact) -> PathBuf {
-    match a.kind.as_str() {
-        "select" => a.dir.join("selection.parquet"),
-        "score" => a.dir.join("scores.parquet"),
-        _ => a.dir.join("tokens.parquet"),
-    }
-}
-
 /// Log-probs of `model` (a model or train artifact) on `data`, computed once per pair of hashes.
 pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -> Result<Logprobs> {
     let key = format!("logprobs:{VERSION}:{}:{}", model.hash, data.hash);
@@ -47,9 +40,9 @@ pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -
     let inputs = json!({"model": model.hash, "data": data.hash});
     let was_fresh = ctx.store.is_fresh("logprobs", &hash);
     let dir = ctx.store.derived("logprobs", &hash, inputs, |out| {
-        let rows = read_tokens(&data_file(data))?;
+        let rows = Tokens::open(data)?.rows()?;
         let device = crate::device::parse_device(ctx.device).map_err(|e| crate::error::user(e.to_string()))?;
-        let lm = crate::stages::model::load_artifact(model, &device)?;
+        let lm = ModelDir::of(model).load(&device)?;
         let t0 = std::time::Instant::now();
         let lp = compute(&lm, &rows, &device, ctx, role)?;
         let tokens: usize = lp.chosen.iter().chain(&lp.rejected).map(Vec::len).sum();
@@ -61,7 +54,7 @@ pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -
             rows.len(),
             tokens as f64 / secs.max(1e-9)
         ));
-        write(&lp, &out.join("logprobs.parquet"))?;
+        write(&lp, &out.join(FILE))?;
         Ok(json!({"pairs": rows.len(), "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9)}))
     })?;
     if was_fresh {
@@ -70,7 +63,7 @@ pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -
             ctx.stage, model.stage
         ));
     }
-    read(&dir.join("logprobs.parquet"))
+    read(&dir.join(FILE))
 }
 
 /// Forward passes over every chosen and rejected response, in length-sorted batches.

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::user;
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// A chat template, by the name a `tokenize` stage's `template` gives.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateName {
     /// The turns' text joined by a blank line, no markup.

@@ -147,6 +147,31 @@ fn scores_masks_and_first_losses_match_transformers() {
         assert!(close(got, want, 1e-4), "dpo {col}: {got} vs {want}");
     }
 
+    // Each artifact holds exactly the outputs its kind declares (sepo::artifacts::outputs).
+    for stage in [
+        "pairs", "tok", "tokens", "llama", "mistral", "scores", "keys", "sft0", "sepo0",
+    ] {
+        let dir = artifact(&p, stage);
+        let m: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let kind = m["kind"].as_str().unwrap();
+        let declared = sepo::artifacts::outputs(kind);
+        let mut held: Vec<&str> = m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["path"].as_str().unwrap().split('/').next().unwrap())
+            .collect();
+        let mut want = declared.to_vec();
+        want.sort_unstable();
+        held.sort_unstable();
+        held.dedup();
+        assert_eq!(
+            held, want,
+            "{stage} ({kind}) holds other files than it declares"
+        );
+    }
+
     // Changing chosen_ratio makes select and what trains on it stale, nothing upstream.
     let r = sepo(&["run", &p, "--set", "keys.chosen_ratio=0.5", "--dry-run"]);
     let stale: Vec<&str> = r

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::layout::{MlpNames, QkvNames, WeightTable};
 
 /// The architecture families sepo can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Architecture {
     /// `model_type: llama` (TinyLlama, Llama-2/3, llama2.c exports).

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -15,7 +16,7 @@ pub use super::rope::RopeScaling;
 use super::size::mem_total_bytes;
 
 /// A token id or a list of them (`eos_token_id` is a list in Llama-3 configs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum TokenIds {
     /// One id.
@@ -36,19 +37,24 @@ impl TokenIds {
 
 /// The configuration of a causal LM. Field names are Hugging Face's; `architecture` is also
 /// read from `model_type`. Missing keys get small, sane defaults (a 4-layer, 256-wide model).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// The schema (a `model` stage's `config:`) refuses other keys; config.json files may have any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
+#[schemars(deny_unknown_fields, transform = stage_config_schema)]
 pub struct ModelConfig {
     /// Architecture family (`model_type` in config.json).
     #[serde(alias = "model_type")]
     pub architecture: Architecture,
-    /// Vocabulary size.
+    /// Vocabulary size (token ids 0..N-1); in a `model` stage, the tokenizer's when left out.
+    #[schemars(range(min = 1))]
     pub vocab_size: usize,
     /// Width of the residual stream.
+    #[schemars(range(min = 1))]
     pub hidden_size: usize,
     /// Number of transformer blocks.
     pub num_hidden_layers: usize,
-    /// Number of query heads.
+    /// Number of query heads; `hidden_size` must be a multiple unless `head_dim` is given.
+    #[schemars(range(min = 1))]
     pub num_attention_heads: usize,
     /// Number of key/value heads (grouped-query attention); default: `num_attention_heads`.
     pub num_key_value_heads: Option<usize>,
@@ -56,7 +62,8 @@ pub struct ModelConfig {
     pub intermediate_size: Option<usize>,
     /// Per-head width; default `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
-    /// Longest sequence the model was trained for (informational; rope has no hard limit).
+    /// Context length, in tokens: the longest prompt + continuation `sepo generate` runs.
+    #[schemars(range(min = 1))]
     pub max_position_embeddings: usize,
     /// Rotary base (`rotary_emb_base` in gpt_neox configs).
     #[serde(alias = "rotary_emb_base")]
@@ -86,18 +93,41 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// Qwen2: whether `sliding_window` is used.
     pub use_sliding_window: bool,
-    /// Std of the normal init of fresh weights.
+    /// Standard deviation of the normal initialization of a fresh model's weights.
     pub initializer_range: f64,
-    /// BOS id.
+    /// Beginning-of-sequence token id.
     pub bos_token_id: Option<TokenIds>,
-    /// EOS id(s).
+    /// End-of-sequence token id(s).
     pub eos_token_id: Option<TokenIds>,
-    /// PAD id.
+    /// Padding token id.
     pub pad_token_id: Option<TokenIds>,
     /// The config.json this config was read from, kept so that saving preserves keys sepo does
     /// not interpret. Empty for fresh configs.
     #[serde(skip)]
     pub source: Map<String, Value>,
+}
+
+/// The schema of [`ModelConfig`] as a `model` stage's `config:` reads it: `model_type` is
+/// accepted for `architecture`, `vocab_size` has no fixed default (the tokenizer's), and
+/// `hidden_act` is one of the [`ACTIVATIONS`].
+fn stage_config_schema(schema: &mut schemars::Schema) {
+    let Some(Value::Object(props)) = schema.get_mut("properties") else {
+        return;
+    };
+    if let Some(Value::Object(vocab)) = props.get_mut("vocab_size") {
+        vocab.remove("default");
+    }
+    if let Some(act) = props.get_mut("hidden_act") {
+        let mut names: Vec<Value> = ACTIVATIONS.iter().map(|(n, _)| json!(n)).collect();
+        names.push(Value::Null);
+        act["enum"] = Value::Array(names);
+    }
+    if let Some(Value::Object(arch)) = props.get("architecture") {
+        let mut alias = arch.clone();
+        alias.remove("default");
+        alias.insert("description".into(), json!("Same as `architecture`."));
+        props.insert("model_type".into(), Value::Object(alias));
+    }
 }
 
 impl Default for ModelConfig {
@@ -132,6 +162,17 @@ impl Default for ModelConfig {
         }
     }
 }
+
+/// The `hidden_act` names sepo runs, with the activation each means.
+pub const ACTIVATIONS: &[(&str, Activation)] = &[
+    ("silu", Activation::Silu),
+    ("swish", Activation::Silu),
+    ("gelu", Activation::Gelu),
+    ("gelu_new", Activation::GeluTanh),
+    ("gelu_pytorch_tanh", Activation::GeluTanh),
+    ("gelu_fast", Activation::GeluTanh),
+    ("relu", Activation::Relu),
+];
 
 /// Activation of the MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,13 +400,10 @@ impl ModelConfig {
     pub fn activation(&self) -> Result<Activation> {
         let default = self.architecture.family().hidden_act;
         let name = self.hidden_act.as_deref().unwrap_or(default);
-        Ok(match name {
-            "silu" | "swish" => Activation::Silu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => bail!("hidden_act `{other}` is not supported"),
-        })
+        match ACTIVATIONS.iter().find(|(n, _)| *n == name) {
+            Some((_, activation)) => Ok(*activation),
+            None => bail!("hidden_act `{name}` is not supported"),
+        }
     }
 
     /// The attention window, when sliding-window attention is on.

@@ -188,18 +188,18 @@ pub fn generate_text(
     progress: &Progress,
 ) -> Result<String> {
     use super::CausalLm;
-    if !dir.join("config.json").is_file() {
+    if !dir.join(super::CONFIG_FILE).is_file() {
         user_bail!("{}: not a model folder (no config.json)", dir.display());
     }
     opts.validate()?;
     let device = crate::device::parse_device(device).map_err(|e| user(e.to_string()))?;
-    let json = dir.join("tokenizer.json");
-    let tok = crate::tokenizer::load(&json)?;
-    let tcfg = crate::template::read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+    let hf = crate::tokenizer::HfTokenizer::open_dir(dir)?;
+    let tok = hf.tokenizer();
     let model = CausalLm::load(dir, &device).map_err(|e| user(format!("{e:#}")))?;
     // A folder from elsewhere may name no end token in tokenizer_config.json, or one its
     // vocabulary lacks: then config.json's `eos_token_id`, as transformers' generate does.
-    let eos = crate::tokenizer::eos_token(&tok, tcfg.as_ref(), &json)
+    let eos = hf
+        .eos()
         .ok()
         .flatten()
         .map(|(_, id)| id)

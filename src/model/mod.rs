@@ -32,6 +32,9 @@ pub use rope::RopeScaling;
 pub use safetensors_io::HostTensor;
 pub use transformer::{Decoder, KvCache};
 
+/// The Hugging Face model configuration file of a model folder.
+pub const CONFIG_FILE: &str = "config.json";
+
 /// Most padded tokens one internal batch of [`CausalLm::response_logprobs`] holds.
 const LOGPROB_BATCH_TOKENS: usize = 16 * 1024;
 
@@ -51,7 +54,7 @@ impl CausalLm {
     /// `device`. Weights may be f32, f16 or bf16; they are
     /// computed with in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+        let config = ModelConfig::from_hf_file(&dir.join(CONFIG_FILE))?;
         let mut files = safetensors_io::WeightFiles::open(dir)?;
         let decoder = weights::load(&config, &mut files, device)
             .with_context(|| format!("loading model {}", dir.display()))?;
@@ -81,7 +84,7 @@ impl CausalLm {
         std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
         let mut cfg = serde_json::to_string_pretty(&self.config.to_hf_json())?;
         cfg.push('\n');
-        let path = dir.join("config.json");
+        let path = dir.join(CONFIG_FILE);
         std::fs::write(&path, cfg).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }

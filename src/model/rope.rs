@@ -100,6 +100,53 @@ impl<'de> Deserialize<'de> for RopeScaling {
     }
 }
 
+impl schemars::JsonSchema for RopeScaling {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RopeScaling".into()
+    }
+
+    /// What [`RopeScaling::from_json`] reads: `rope_type` (or `type`) and the numbers it needs.
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let kinds = ["default", "linear", "llama3"];
+        let number = |d: &str| json!({"type": "number", "description": d});
+        // When `rope_type` (or, without it, `type`) is `kind`, `keys` are required.
+        let needs = |kind: &str, keys: &[&str]| {
+            json!({
+                "if": {"anyOf": [
+                    {"required": ["rope_type"], "properties": {"rope_type": {"const": kind}}},
+                    {
+                        "not": {"required": ["rope_type"]},
+                        "required": ["type"],
+                        "properties": {"type": {"const": kind}},
+                    },
+                ]},
+                "then": {"required": keys},
+            })
+        };
+        let llama3 = [
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ];
+        let schema = json!({
+            "type": "object",
+            "description": "Rotary-embedding frequency scaling, as in Hugging Face configs: \
+                `rope_type` default (none), linear (positions divided by `factor`) or llama3.",
+            "properties": {
+                "rope_type": {"enum": kinds},
+                "type": {"enum": kinds, "description": "Older name of `rope_type`."},
+                "factor": number("Scale factor (linear, llama3; 8 in Llama 3.1)."),
+                "low_freq_factor": number("llama3 (1 in Llama 3.1)."),
+                "high_freq_factor": number("llama3 (4 in Llama 3.1)."),
+                "original_max_position_embeddings": number("llama3 (8192 in Llama 3.1)."),
+            },
+            "allOf": [needs("linear", &["factor"]), needs("llama3", &llama3)],
+        });
+        schemars::Schema::try_from(schema).expect("an object")
+    }
+}
+
 /// Rotary inverse frequencies in f32, as transformers' `_compute_default_rope_parameters`,
 /// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters` compute them.
 pub fn rope_inv_freq(dim: usize, base: f64, scaling: Option<&RopeScaling>) -> Vec<f32> {

@@ -10,7 +10,8 @@ use crate::error::{clip, user};
 use crate::user_bail;
 use crate::util::suggest;
 
-const TOP_LEVEL_KEYS: &[&str] = &["name", "cache", "device", "seed", "stages"];
+/// The keys a pipeline file may have at its top level.
+pub const TOP_LEVEL_KEYS: &[&str] = &["name", "cache", "device", "seed", "stages"];
 
 /// Where an input role points: one stage or a list of stages.
 #[derive(Debug, Clone, PartialEq)]

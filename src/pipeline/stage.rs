@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::Value;
 
 use crate::error::user;
@@ -40,6 +41,14 @@ pub struct StageKind {
     pub uses_device: bool,
     /// Parses and validates parameters (as written, plus `--set`) into a runnable stage.
     pub build: fn(&Value, &BuildContext) -> Result<Box<dyn Stage>>,
+    /// The JSON Schema of the parameters, the config type's: `params_schema::<Config>` (see
+    /// [`params_schema`]). `sepo schema` writes it for every kind, with `kind` and `inputs`.
+    pub params_schema: fn(&mut SchemaGenerator) -> Schema,
+}
+
+/// The JSON Schema of a config type (derived with `schemars`), for [`StageKind::params_schema`].
+pub fn params_schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    T::json_schema(generator)
 }
 
 /// The stage kinds a pipeline may use, handed to the planner.

@@ -1,15 +1,20 @@
-//! `ingest`: user preference data (UltraFeedback, HH-RLHF, flat preference rows) to `pairs.parquet`.
+//! `ingest`: user preference data (UltraFeedback, HH-RLHF, flat preference rows) to `pairs.parquet`
+//! ([`Pairs`], whose reader the stages downstream use).
 //! The format parsers are in `ingest/parse.rs`, the tests in `ingest/tests.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{BuildContext, RunContext, Stage, StageKind, parse_config, resolve, to_params};
-use crate::data::parquet as pq;
+use super::{
+    BuildContext, RunContext, Stage, StageKind, params_schema, parse_config, resolve, to_params,
+};
+use crate::artifacts::Pairs;
+pub use crate::artifacts::pairs::{Pair, read_pairs};
 use crate::data::rows::{FileType, Location, expand, file_type, for_each_row_in};
 use crate::user_bail;
 
@@ -27,31 +32,44 @@ pub static KIND: StageKind = StageKind {
     roles: &[],
     uses_device: false,
     build,
+    params_schema: params_schema::<IngestConfig>,
 };
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+/// The layout of the rows read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
+    /// HuggingFaceH4/ultrafeedback_binarized rows (`prompt` and message lists `chosen`,
+    /// `rejected`), or trl-lib's with string messages.
     Ultrafeedback,
+    /// Anthropic HH-RLHF transcripts (`chosen`, `rejected`: "\n\nHuman: ...\n\nAssistant: ...").
     HhRlhf,
+    /// Flat `prompt`, `chosen`, `rejected` strings.
     Preference,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `ingest`: preference data (UltraFeedback, HH-RLHF or flat rows) to `pairs.parquet`; odd rows
+/// are dropped and counted.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
+    /// The layout of the rows.
     pub format: Format,
     /// A file or a glob (.parquet, .jsonl, .jsonl.gz, .json), relative to the pipeline file.
     pub path: String,
-    /// Fraction of rows (by a hash of their id) put in the `test` split.
+    /// Fraction of rows (chosen by a hash of their id) put in the `test` split, in [0, 1); a
+    /// `split` column in the data wins.
     #[serde(default)]
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 1))]
     pub test_fraction: f64,
-    /// Keep only the first N pairs (after dropping), for quick runs.
+    /// Keep only the first N pairs (after dropping), for quick runs; null: all.
     #[serde(default)]
     pub limit: Option<usize>,
-    /// The largest share of rows read that may be dropped as odd before the stage fails: a few odd
-    /// rows are normal in real data, many mean the data or `format` is wrong.
+    /// The largest share of rows read that may be dropped as odd (empty response, last turn not
+    /// the assistant's, ...) before the stage fails, in [0, 1]: a few odd rows are normal in real
+    /// data, many mean the data or `format` is wrong.
     #[serde(default = "default_max_drop_fraction")]
+    #[schemars(range(min = 0, max = 1))]
     pub max_drop_fraction: f64,
 }
 
@@ -59,21 +77,13 @@ fn default_max_drop_fraction() -> f64 {
     0.05
 }
 
-const KEYS: &[&str] = &[
-    "format",
-    "path",
-    "test_fraction",
-    "limit",
-    "max_drop_fraction",
-];
-
 struct Ingest {
     cfg: IngestConfig,
     base: PathBuf,
 }
 
 fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
-    let cfg: IngestConfig = parse_config(params, KEYS)?;
+    let cfg: IngestConfig = parse_config(params)?;
     if !(0.0..1.0).contains(&cfg.test_fraction) {
         user_bail!(
             "`test_fraction` must be in [0, 1), got {}",
@@ -90,19 +100,6 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
         cfg,
         base: ctx.base_dir.to_path_buf(),
     }))
-}
-
-/// One preference pair in the artifact's schema.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pair {
-    pub id: String,
-    pub split: String,
-    pub prompt: Vec<(String, String)>,
-    pub chosen: String,
-    pub rejected: String,
-    pub score_chosen: Option<f64>,
-    pub score_rejected: Option<f64>,
-    pub source: String,
 }
 
 /// Drop counts by reason, with where and why the first row of each was dropped.
@@ -269,8 +266,7 @@ impl Stage for Ingest {
                 .into();
             }
         }
-        let mut df = to_frame(&pairs)?;
-        pq::write(&mut df, &ctx.out.join("pairs.parquet"))?;
+        Pairs::write(&pairs, ctx.out)?;
         let test = pairs.iter().filter(|p| p.split == "test").count();
         let ranked = drops.ranked();
         let dropped_text = if ranked.is_empty() {
@@ -359,59 +355,6 @@ fn unique_ids(ids: &mut [String]) {
         taken.insert(renamed.clone());
         *id = renamed;
     }
-}
-
-pub fn to_frame(pairs: &[Pair]) -> Result<polars::prelude::DataFrame> {
-    pq::frame(vec![
-        pq::utf8("id", pairs.iter().map(|p| p.id.clone()).collect()),
-        pq::utf8("split", pairs.iter().map(|p| p.split.clone()).collect()),
-        pq::messages(
-            "prompt",
-            &pairs.iter().map(|p| p.prompt.clone()).collect::<Vec<_>>(),
-        )?,
-        pq::utf8("chosen", pairs.iter().map(|p| p.chosen.clone()).collect()),
-        pq::utf8(
-            "rejected",
-            pairs.iter().map(|p| p.rejected.clone()).collect(),
-        ),
-        pq::opt_f64(
-            "score_chosen",
-            pairs.iter().map(|p| p.score_chosen).collect(),
-        ),
-        pq::opt_f64(
-            "score_rejected",
-            pairs.iter().map(|p| p.score_rejected).collect(),
-        ),
-        pq::utf8("source", pairs.iter().map(|p| p.source.clone()).collect()),
-    ])
-}
-
-/// Reads `pairs.parquet` back.
-pub fn read_pairs(path: &std::path::Path) -> Result<Vec<Pair>> {
-    let df = pq::read(path)?;
-    let r = pq::Reader {
-        df: &df,
-        file: path,
-    };
-    let (id, split, prompt) = (r.strings("id")?, r.strings("split")?, r.messages("prompt")?);
-    let (chosen, rejected) = (r.strings("chosen")?, r.strings("rejected")?);
-    let (sc, sr, source) = (
-        r.opt_f64("score_chosen")?,
-        r.opt_f64("score_rejected")?,
-        r.strings("source")?,
-    );
-    Ok((0..df.height())
-        .map(|i| Pair {
-            id: id[i].clone(),
-            split: split[i].clone(),
-            prompt: prompt[i].clone(),
-            chosen: chosen[i].clone(),
-            rejected: rejected[i].clone(),
-            score_chosen: sc[i],
-            score_rejected: sr[i],
-            source: source[i].clone(),
-        })
-        .collect())
 }
 
 #[cfg(test)]

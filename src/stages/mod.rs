@@ -13,13 +13,14 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::user;
 pub use crate::pipeline::stage::{
-    Artifact, BuildContext, Registry, Role, RunContext, Stage, StageKind,
+    Artifact, BuildContext, Registry, Role, RunContext, Stage, StageKind, params_schema,
 };
 
 /// Every stage kind, handed to the planner (`Plan::new(pipeline, &stages::REGISTRY)`).
@@ -34,18 +35,32 @@ pub static REGISTRY: Registry = Registry::new(&[
 ]);
 
 /// Deserializes a stage's parameters into its config struct, turning serde's complaints
-/// (unknown field, wrong type) into user errors that suggest the intended key.
-pub fn parse_config<T: DeserializeOwned + Serialize>(params: &Value, known: &[&str]) -> Result<T> {
+/// (unknown field, wrong type) into user errors that suggest the intended key, one of the
+/// config's [`schema_keys`].
+pub fn parse_config<T: DeserializeOwned + Serialize + JsonSchema>(params: &Value) -> Result<T> {
     serde_json::from_value::<T>(params.clone()).map_err(|e| {
         let msg = e.to_string();
         let hint = msg
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
-            .map(|f| crate::util::suggest(f, known))
+            .map(|f| {
+                let known = schema_keys::<T>();
+                crate::util::suggest(f, &known.iter().map(String::as_str).collect::<Vec<_>>())
+            })
             .unwrap_or_default();
         // serde quotes the offending value ("unknown variant `…`"): never echo a huge one whole.
         user(format!("{}{hint}", crate::error::clip_message(&msg)))
     })
+}
+
+/// The keys a config type's YAML mapping accepts: the property names of its JSON Schema
+/// (derived from the type with `schemars`, so they are the serde field names).
+pub fn schema_keys<T: JsonSchema>() -> Vec<String> {
+    let schema = T::json_schema(&mut schemars::SchemaGenerator::default());
+    let properties = schema.get("properties").and_then(Value::as_object);
+    properties
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 /// Canonical form of a config struct.
@@ -99,17 +114,15 @@ mod tests {
                 vec!["oracle".into(), "reference".into(), "data".into()],
             ),
             "select" => (serde_json::json!({}), vec!["scores".into()]),
-            other => panic!(
-                "add a minimal config for `{other}` here and to schemas/pipeline.schema.json"
-            ),
+            other => panic!("add a minimal config for `{other}` here"),
         }
     }
 
-    /// schemas/pipeline.schema.json lists exactly the parameters and roles each kind accepts.
+    /// The generated schema (`sepo schema`) lists exactly the parameters of each kind's canonical
+    /// form and the kind's roles, and every default it states is the value the code fills in.
     #[test]
     fn json_schema_matches_the_stage_configs() {
-        let schema: Value =
-            serde_json::from_str(include_str!("../../schemas/pipeline.schema.json")).unwrap();
+        let schema = crate::schema::pipeline_schema(&REGISTRY);
         let kinds = &schema["$defs"]["stage"]["properties"]["kind"]["enum"];
         assert_eq!(kinds.as_array().unwrap().len(), REGISTRY.kinds().len());
         for k in REGISTRY.kinds() {
@@ -139,6 +152,15 @@ mod tests {
             in_schema.sort();
             in_code.sort();
             assert_eq!(in_schema, in_code, "parameters of `{}`", k.kind);
+            for key in in_code {
+                // `train`'s seed is the pipeline's when left out: no fixed default.
+                if let Some(default) = def[key].get("default")
+                    && params.get(key).is_none()
+                    && (k.kind, key) != ("train", "seed")
+                {
+                    assert_eq!(default, &canonical[key], "default of `{}.{key}`", k.kind);
+                }
+            }
             let mut schema_roles: Vec<&str> = def["inputs"]["properties"]
                 .as_object()
                 .map(|o| o.keys().map(String::as_str).collect())
@@ -147,6 +169,46 @@ mod tests {
             schema_roles.sort();
             code_roles.sort();
             assert_eq!(schema_roles, code_roles, "roles of `{}`", k.kind);
+        }
+    }
+
+    /// A fresh model's `config:` accepts exactly the keys its canonical form spells, plus
+    /// `model_type` for `architecture`; the schema's defaults are the code's.
+    #[test]
+    fn model_config_keys_are_the_canonical_ones() {
+        let ctx = BuildContext {
+            base_dir: Path::new("."),
+            pipeline_seed: 1,
+            roles: vec![],
+            role_kinds: BTreeMap::new(),
+        };
+        let params = serde_json::json!({"config": {"vocab_size": 64}});
+        let canonical = (model::KIND.build)(&params, &ctx).unwrap().params();
+        let config = canonical["config"].as_object().unwrap();
+        let mut in_code: Vec<&str> = config.keys().map(String::as_str).collect();
+        in_code.push("model_type");
+        in_code.sort();
+        let known = schema_keys::<crate::model::ModelConfig>();
+        let mut in_schema: Vec<&str> = known.iter().map(String::as_str).collect();
+        in_schema.sort();
+        assert_eq!(in_schema, in_code);
+        // Left out, these are derived (from the family or other keys) rather than a fixed value.
+        let derived = [
+            "num_key_value_heads",
+            "intermediate_size",
+            "head_dim",
+            "partial_rotary_factor",
+            "attention_bias",
+            "hidden_act",
+        ];
+        let schema = crate::schema::pipeline_schema(&REGISTRY);
+        let props = &schema["$defs"]["ModelConfig"]["properties"];
+        for (key, value) in config {
+            if let Some(default) = props[key].get("default")
+                && !derived.contains(&key.as_str())
+            {
+                assert_eq!(default, value, "default of `config.{key}`");
+            }
         }
     }
 }

@@ -5,14 +5,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Artifact, BuildContext, Role, RunContext, Stage, StageKind, parse_config, resolve, to_params,
+    BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, resolve,
+    schema_keys, to_params,
 };
+use crate::artifacts::{ModelDir, tokenizer_of};
 use crate::error::user;
-use crate::model::safetensors_io::WeightSource;
 use crate::model::{CausalLm, ModelConfig};
 use crate::user_bail;
 
@@ -27,54 +29,27 @@ pub static KIND: StageKind = StageKind {
     }],
     uses_device: true,
     build,
+    params_schema: params_schema::<ModelStageConfig>,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `model`: a causal LM as a Hugging Face folder artifact, loaded (`from`) or freshly
+/// initialized (`config`); give one.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelStageConfig {
-    /// A Hugging Face model folder.
+    /// A Hugging Face model folder (config.json, model.safetensors or shards and their index,
+    /// tokenizer.json), relative to the pipeline file.
     #[serde(default)]
     pub from: Option<String>,
     /// Or the architecture of a fresh model (Hugging Face config keys; `vocab_size` defaults to
     /// the tokenizer's).
     #[serde(default)]
+    #[schemars(with = "Option<ModelConfig>")]
     pub config: Option<Map<String, Value>>,
     /// Seed of a fresh model's initialization (default: the pipeline's seed).
     #[serde(default)]
     pub seed: Option<u64>,
 }
-
-const KEYS: &[&str] = &["from", "config", "seed"];
-
-/// Keys `config:` accepts (ModelConfig's fields, plus `model_type` as an alias of `architecture`).
-const CONFIG_KEYS: &[&str] = &[
-    "architecture",
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "head_dim",
-    "max_position_embeddings",
-    "rope_theta",
-    "rope_scaling",
-    "partial_rotary_factor",
-    "rms_norm_eps",
-    "layer_norm_eps",
-    "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
-    "use_parallel_residual",
-    "hidden_act",
-    "sliding_window",
-    "use_sliding_window",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-];
 
 struct ModelStage {
     cfg: ModelStageConfig,
@@ -82,7 +57,7 @@ struct ModelStage {
 }
 
 fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
-    let mut cfg: ModelStageConfig = parse_config(params, KEYS)?;
+    let mut cfg: ModelStageConfig = parse_config(params)?;
     match (&cfg.from, &mut cfg.config) {
         (Some(_), Some(_)) => {
             user_bail!("give either `from` (a model folder) or `config`, not both")
@@ -92,11 +67,14 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
         ),
         (Some(_), None) => cfg.seed = None,
         (None, Some(c)) => {
+            // ModelConfig's fields, and `model_type` for `architecture`.
+            let known = schema_keys::<ModelConfig>();
             for k in c.keys() {
-                if !CONFIG_KEYS.contains(&k.as_str()) {
+                if !known.contains(k) {
+                    let known: Vec<&str> = known.iter().map(String::as_str).collect();
                     user_bail!(
                         "`config.{k}` is not a model setting{}",
-                        crate::util::suggest(k, CONFIG_KEYS)
+                        crate::util::suggest(k, &known)
                     );
                 }
             }
@@ -139,44 +117,9 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
     }))
 }
 
-/// The files of a Hugging Face model folder that define it: config.json, the weight files
-/// that loading reads ([`WeightSource::find`]: `model.safetensors` when present, else the
-/// index and its shards), and the tokenizer files present.
+/// The files of a Hugging Face model folder that define it ([`ModelDir::files`]).
 pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.is_dir() {
-        user_bail!("{}: model folder not found", dir.display());
-    }
-    let mut files = vec![dir.join("config.json")];
-    let weights = WeightSource::find(dir).map_err(|e| user(format!("{e:#}")))?;
-    files.extend(weights.files());
-    for extra in ["tokenizer.json", "tokenizer_config.json"] {
-        if dir.join(extra).is_file() {
-            files.push(dir.join(extra));
-        }
-    }
-    for f in &files {
-        if !f.is_file() {
-            user_bail!("{}: missing from the model folder", f.display());
-        }
-    }
-    Ok(files)
-}
-
-/// Copies tokenizer.json (and tokenizer_config.json) next to a saved model.
-pub fn copy_tokenizer(json: &Path, config: Option<&Value>, dest: &Path) -> Result<()> {
-    std::fs::copy(json, dest.join("tokenizer.json"))?;
-    if let Some(c) = config {
-        std::fs::write(
-            dest.join("tokenizer_config.json"),
-            serde_json::to_vec_pretty(c)?,
-        )?;
-    }
-    Ok(())
-}
-
-/// Loads the model of a `model` or `train` artifact.
-pub fn load_artifact(a: &Artifact, device: &burn::tensor::Device) -> Result<CausalLm> {
-    CausalLm::load(&a.dir.join("model"), device)
+    ModelDir::at(dir).files()
 }
 
 impl Stage for ModelStage {
@@ -193,22 +136,20 @@ impl Stage for ModelStage {
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let device = crate::device::parse_device(ctx.device).map_err(|e| user(e.to_string()))?;
-        let out = ctx.out.join("model");
+        let out = ModelDir::in_artifact(ctx.out);
         let tokenizer = match ctx.input_opt("tokenizer") {
-            Some(a) => Some(super::tokenizer::files_of(a)?),
+            Some(a) => Some(tokenizer_of(a)?),
             None => None,
         };
         let model = match (&self.cfg.from, &self.cfg.config) {
-            (Some(from), _) => {
-                let dir = resolve(&self.base, from);
-                CausalLm::load(&dir, &device).map_err(|e| user(format!("{e:#}")))?
-            }
+            (Some(from), _) => ModelDir::at(&resolve(&self.base, from))
+                .load(&device)
+                .map_err(|e| user(format!("{e:#}")))?,
             (None, Some(c)) => {
                 let mut c = c.clone();
                 if c.get("vocab_size").is_none_or(Value::is_null) {
-                    let (json, _) = tokenizer.as_ref().expect("checked in build");
-                    let tok = crate::tokenizer::load(json)?;
-                    c.insert("vocab_size".into(), Value::from(tok.get_vocab_size(true)));
+                    let tok = tokenizer.as_ref().expect("checked in build");
+                    c.insert("vocab_size".into(), Value::from(tok.vocab_size()));
                 }
                 let mc: ModelConfig = serde_json::from_value(Value::Object(c))
                     .map_err(|e| user(format!("`config`: {e}")))?;
@@ -217,34 +158,31 @@ impl Stage for ModelStage {
             }
             (None, None) => unreachable!("validated in build"),
         };
-        model.save(&out)?;
+        out.save(&model)?;
         // The tokenizer: the input's if given, else the one in the model folder.
-        let tok_files = match tokenizer {
-            Some(t) => Some(Ok(t)),
-            None => self.cfg.from.as_ref().and_then(|f| {
-                let dir = resolve(&self.base, f);
-                let json = dir.join("tokenizer.json");
-                json.is_file().then(|| {
-                    crate::template::read_tokenizer_config(&dir.join("tokenizer_config.json"))
-                        .map(|cfg| (json, cfg))
-                })
-            }),
+        let from = self
+            .cfg
+            .from
+            .as_ref()
+            .map(|f| ModelDir::at(&resolve(&self.base, f)));
+        let tok = match (tokenizer, from) {
+            (Some(t), _) => Some(t),
+            (None, Some(from)) if from.has_tokenizer() => Some(from.tokenizer()?),
+            _ => None,
         };
-        let tok_files = tok_files.transpose()?;
-        let Some((json, tcfg)) = tok_files else {
+        let Some(tok) = tok else {
             user_bail!(
                 "the model has no tokenizer.json: add `inputs: {{tokenizer: <tokenizer stage>}}`"
             );
         };
-        let tok = crate::tokenizer::load(&json)?;
-        if tok.get_vocab_size(true) > model.vocab_size() {
+        if tok.vocab_size() > model.vocab_size() {
             user_bail!(
                 "the tokenizer has {} tokens but the model's vocabulary is {}",
-                tok.get_vocab_size(true),
+                tok.vocab_size(),
                 model.vocab_size()
             );
         }
-        copy_tokenizer(&json, tcfg.as_ref(), &out)?;
+        tok.write_to(out.path())?;
         ctx.progress.log(format!(
             "         {}: {} ({} parameters, vocab {})",
             ctx.stage,

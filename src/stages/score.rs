@@ -2,13 +2,17 @@
 //! for every chosen and rejected response token (EOS included), and their sums.
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Artifact, BuildContext, Role, RunContext, Stage, StageKind, parse_config, to_params};
+use super::{
+    BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
+};
+use crate::artifacts::model::check_same_vocabulary;
+use crate::artifacts::{Scores, Tokens};
 use crate::data::parquet as pq;
-use crate::logprobs::{data_file, ensure};
-use crate::user_bail;
+use crate::logprobs::ensure;
 
 pub static KIND: StageKind = StageKind {
     kind: "score",
@@ -35,9 +39,12 @@ pub static KIND: StageKind = StageKind {
     ],
     uses_device: true,
     build,
+    params_schema: params_schema::<ScoreConfig>,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `score`: the oracle's implicit reward of every response token, `log pi_oracle - log pi_ref`
+/// (EOS included), and their sums. No parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreConfig {}
 
@@ -47,33 +54,8 @@ struct Score {
 
 fn build(params: &Value, _ctx: &BuildContext) -> Result<Box<dyn Stage>> {
     Ok(Box::new(Score {
-        cfg: parse_config(params, &[])?,
+        cfg: parse_config(params)?,
     }))
-}
-
-/// Refuses two models whose token ids mean different things.
-pub fn check_same_vocabulary(a: &Artifact, b: &Artifact) -> Result<()> {
-    let vocab = |x: &Artifact| -> Result<(usize, String)> {
-        let cfg: Value = serde_json::from_slice(&std::fs::read(x.dir.join("model/config.json"))?)?;
-        let n = cfg["vocab_size"].as_u64().unwrap_or(0) as usize;
-        let tok = crate::pipeline::stage::hash_file(&x.dir.join("model/tokenizer.json"))
-            .unwrap_or_default();
-        Ok((n, tok))
-    };
-    let ((na, ta), (nb, tb)) = (vocab(a)?, vocab(b)?);
-    if na != nb || ta != tb {
-        user_bail!(
-            "`{}` and `{}` have different vocabularies ({na} vs {nb} tokens{}): their log-probs cannot be compared",
-            a.stage,
-            b.stage,
-            if ta != tb {
-                ", different tokenizer.json"
-            } else {
-                ""
-            }
-        );
-    }
-    Ok(())
 }
 
 impl Stage for Score {
@@ -100,13 +82,12 @@ impl Stage for Score {
         let rs = diff(&lo.rejected, &lr.rejected);
         let chosen_reward: Vec<f32> = cs.iter().map(|v| v.iter().sum()).collect();
         let rejected_reward: Vec<f32> = rs.iter().map(|v| v.iter().sum()).collect();
-        let path = data_file(data);
-        let mut df = pq::read(&path)?;
+        let mut df = Tokens::open(data)?.frame()?;
         df.with_column(pq::list("chosen_scores", &cs))?;
         df.with_column(pq::list("rejected_scores", &rs))?;
         df.with_column(pq::f32s("chosen_reward", chosen_reward.clone()))?;
         df.with_column(pq::f32s("rejected_reward", rejected_reward.clone()))?;
-        pq::write(&mut df, &ctx.out.join("scores.parquet"))?;
+        Scores::write(&mut df, ctx.out)?;
         let n = chosen_reward.len().max(1) as f64;
         let acc = chosen_reward
             .iter()

@@ -3,10 +3,14 @@
 //! to the earlier position.
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{BuildContext, Role, RunContext, Stage, StageKind, parse_config, to_params};
+use super::{
+    BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
+};
+use crate::artifacts::{Scores, Selection};
 use crate::data::parquet as pq;
 use crate::user_bail;
 
@@ -21,14 +25,22 @@ pub static KIND: StageKind = StageKind {
     }],
     uses_device: false,
     build,
+    params_schema: params_schema::<SelectConfig>,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `select`: SePO's key tokens. A response with N scored tokens keeps
+/// `n = max(1, floor(ratio * N))` of them: the chosen answer its n highest-scored, the rejected
+/// answer its n lowest; ties go to the earlier position.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SelectConfig {
+    /// Share of each chosen response's tokens kept (its highest-scored), in (0, 1].
     #[serde(default = "default_ratio")]
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     pub chosen_ratio: f64,
+    /// Share of each rejected response's tokens kept (its lowest-scored), in (0, 1].
     #[serde(default = "default_ratio")]
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     pub rejected_ratio: f64,
 }
 
@@ -36,14 +48,12 @@ fn default_ratio() -> f64 {
     0.3
 }
 
-const KEYS: &[&str] = &["chosen_ratio", "rejected_ratio"];
-
 struct Select {
     cfg: SelectConfig,
 }
 
 fn build(params: &Value, _ctx: &BuildContext) -> Result<Box<dyn Stage>> {
-    let cfg: SelectConfig = parse_config(params, KEYS)?;
+    let cfg: SelectConfig = parse_config(params)?;
     for (k, v) in [
         ("chosen_ratio", cfg.chosen_ratio),
         ("rejected_ratio", cfg.rejected_ratio),
@@ -83,14 +93,10 @@ impl Stage for Select {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
-        let path = ctx.input("scores")?.dir.join("scores.parquet");
-        let mut df = pq::read(&path)?;
-        let r = pq::Reader {
-            df: &df,
-            file: &path,
-        };
-        let chosen = r.f32_lists("chosen_scores")?;
-        let rejected = r.f32_lists("rejected_scores")?;
+        let scores = Scores::open(ctx.input("scores")?)?;
+        let chosen = scores.chosen()?;
+        let rejected = scores.rejected()?;
+        let mut df = scores.into_frame();
         let cm: Vec<Vec<bool>> = chosen
             .iter()
             .map(|s| key_tokens(s, self.cfg.chosen_ratio, true))
@@ -108,7 +114,7 @@ impl Stage for Select {
         let (kc, tc, kr, tr) = (count(&cm), total(&cm), count(&rm), total(&rm));
         df.with_column(pq::list("chosen_mask", &cm))?;
         df.with_column(pq::list("rejected_mask", &rm))?;
-        pq::write(&mut df, &ctx.out.join("selection.parquet"))?;
+        Selection::write(&mut df, ctx.out)?;
         ctx.progress.log(format!(
             "         {}: kept {kc}/{tc} chosen and {kr}/{tr} rejected tokens ({:.1}%)",
             ctx.stage,

@@ -3,13 +3,18 @@
 //! every response ends with EOS.
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{BuildContext, Role, RunContext, Stage, StageKind, parse_config, to_params};
-use crate::data::parquet as pq;
+use super::{
+    BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
+};
+pub use crate::artifacts::tokens::{TokenRow, read_tokens};
+use crate::artifacts::{Pairs, Tokens, tokenizer_of};
 use crate::error::user;
-use crate::template::{Template, TemplateName, special_token};
+use crate::template::{Template, TemplateName};
+use crate::tokenizer::TOKENIZER_CONFIG;
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -31,15 +36,21 @@ pub static KIND: StageKind = StageKind {
     ],
     uses_device: false,
     build,
+    params_schema: params_schema::<TokenizeConfig>,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `tokenize`: pairs to token ids; the prompt (rendered by `template`) and each response are
+/// encoded separately, and every response ends with EOS.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
+    /// How the prompt's turns become text before encoding.
     #[serde(default = "default_template")]
     pub template: TemplateName,
-    /// Longest prompt + response, in tokens.
+    /// Longest prompt + response, in tokens (at least 4): responses are cut first (never below
+    /// max_len / 2), then the start of the prompt.
     #[serde(default = "default_max_len")]
+    #[schemars(range(min = 4))]
     pub max_len: usize,
 }
 
@@ -50,29 +61,16 @@ fn default_max_len() -> usize {
     512
 }
 
-const KEYS: &[&str] = &["template", "max_len"];
-
 struct Tokenize {
     cfg: TokenizeConfig,
 }
 
 fn build(params: &Value, _ctx: &BuildContext) -> Result<Box<dyn Stage>> {
-    let cfg: TokenizeConfig = parse_config(params, KEYS)?;
+    let cfg: TokenizeConfig = parse_config(params)?;
     if cfg.max_len < 4 {
         user_bail!("`max_len` must be at least 4, got {}", cfg.max_len);
     }
     Ok(Box::new(Tokenize { cfg }))
-}
-
-/// One tokenized pair.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenRow {
-    pub id: String,
-    pub split: String,
-    pub prompt_ids: Vec<u32>,
-    pub chosen_ids: Vec<u32>,
-    pub rejected_ids: Vec<u32>,
-    pub truncated: bool,
 }
 
 /// Fits prompt + each response into `max_len`: responses are cut first (to what the prompt
@@ -104,17 +102,16 @@ impl Stage for Tokenize {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
-        let (tok_path, tok_cfg) = super::tokenizer::files_of(ctx.input("tokenizer")?)?;
-        let tok = crate::tokenizer::load(&tok_path)?;
-        let (eos, eos_id) = crate::tokenizer::eos_token(&tok, tok_cfg.as_ref(), &tok_path)?
-            .ok_or_else(|| {
-                user(format!(
-                    "{}: no `eos_token` in tokenizer_config.json",
-                    tok_path.display()
-                ))
-            })?;
-        let template = Template::new(self.cfg.template, tok_cfg.as_ref())?;
-        let pairs = super::ingest::read_pairs(&ctx.input("data")?.dir.join("pairs.parquet"))?;
+        let hf = tokenizer_of(ctx.input("tokenizer")?)?;
+        let tok = hf.tokenizer();
+        let (eos, eos_id) = hf.eos()?.ok_or_else(|| {
+            user(format!(
+                "{}: no `eos_token` in {TOKENIZER_CONFIG}",
+                hf.json_path().display()
+            ))
+        })?;
+        let template = Template::new(self.cfg.template, hf.config())?;
+        let pairs = Pairs::open(ctx.input("data")?)?;
         let bar = ctx.progress.bar(ctx.stage, pairs.len() as u64, "rows");
         let mut rows: Vec<TokenRow> = Vec::with_capacity(pairs.len());
         let mut total_tokens = 0usize;
@@ -124,7 +121,7 @@ impl Stage for Tokenize {
                 .iter()
                 .map(|p| template.render(&p.prompt))
                 .collect::<Result<_>>()?;
-            let bos = tok_cfg.as_ref().and_then(|c| special_token(c, "bos_token"));
+            let bos = hf.special_token("bos_token");
             // A template that already writes BOS must not get a second one from the post-processor.
             let with_specials: Vec<bool> = prompts
                 .iter()
@@ -166,8 +163,7 @@ impl Stage for Tokenize {
             bar.inc(chunk.len() as u64);
         }
         let secs = bar.finish();
-        let mut df = to_frame(&rows)?;
-        pq::write(&mut df, &ctx.out.join("tokens.parquet"))?;
+        Tokens::write(&rows, ctx.out)?;
         let n_trunc = rows.iter().filter(|r| r.truncated).count();
         let mean = |f: &dyn Fn(&TokenRow) -> usize| {
             if rows.is_empty() {
@@ -195,61 +191,6 @@ impl Stage for Tokenize {
             "mean_rejected_len": mean(&|r| r.rejected_ids.len()),
         }))
     }
-}
-
-pub fn to_frame(rows: &[TokenRow]) -> Result<polars::prelude::DataFrame> {
-    pq::frame(vec![
-        pq::utf8("id", rows.iter().map(|r| r.id.clone()).collect()),
-        pq::utf8("split", rows.iter().map(|r| r.split.clone()).collect()),
-        pq::list(
-            "prompt_ids",
-            &rows
-                .iter()
-                .map(|r| r.prompt_ids.clone())
-                .collect::<Vec<_>>(),
-        ),
-        pq::list(
-            "chosen_ids",
-            &rows
-                .iter()
-                .map(|r| r.chosen_ids.clone())
-                .collect::<Vec<_>>(),
-        ),
-        pq::list(
-            "rejected_ids",
-            &rows
-                .iter()
-                .map(|r| r.rejected_ids.clone())
-                .collect::<Vec<_>>(),
-        ),
-        pq::bools("truncated", rows.iter().map(|r| r.truncated).collect()),
-    ])
-}
-
-/// Reads `tokens.parquet` (or any artifact carrying its columns) back.
-pub fn read_tokens(path: &std::path::Path) -> Result<Vec<TokenRow>> {
-    let df = pq::read(path)?;
-    let r = pq::Reader {
-        df: &df,
-        file: path,
-    };
-    let (id, split) = (r.strings("id")?, r.strings("split")?);
-    let (p, c, j) = (
-        r.u32_lists("prompt_ids")?,
-        r.u32_lists("chosen_ids")?,
-        r.u32_lists("rejected_ids")?,
-    );
-    let t = r.bools("truncated")?;
-    Ok((0..df.height())
-        .map(|i| TokenRow {
-            id: id[i].clone(),
-            split: split[i].clone(),
-            prompt_ids: p[i].clone(),
-            chosen_ids: c[i].clone(),
-            rejected_ids: j[i].clone(),
-            truncated: t[i],
-        })
-        .collect())
 }
 
 #[cfg(test)]

@@ -2,18 +2,21 @@
 //! the ingested text. The artifact holds `tokenizer.json` and `tokenizer_config.json` (whose
 //! `eos_token` every later stage uses).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
 use super::{
-    Artifact, BuildContext, Role, RunContext, Stage, StageKind, parse_config, resolve, to_params,
+    Artifact, BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config,
+    resolve, to_params,
 };
+use crate::artifacts::{HfTokenizer, Pairs};
 use crate::error::user;
-use crate::template::{read_tokenizer_config, special_token};
+use crate::template::special_token;
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -27,6 +30,7 @@ pub static KIND: StageKind = StageKind {
     }],
     uses_device: false,
     build,
+    params_schema: params_schema::<TokenizerConfig>,
 };
 
 /// Names used for the end of a sequence by common tokenizers, tried in order when no
@@ -40,13 +44,18 @@ const EOS_CANDIDATES: &[&str] = &[
     "<|eot_id|>",
 ];
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A byte-level BPE trained on the `data` input's train split (prompts and both responses).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BpeTrainConfig {
+    /// Vocabulary size, special tokens included; at least 260 (the 256 bytes plus specials).
     #[serde(default = "default_vocab")]
+    #[schemars(range(min = 260))]
     pub vocab_size: usize,
+    /// A pair of tokens is merged only if it occurs at least this many times.
     #[serde(default = "default_min_frequency")]
     pub min_frequency: u64,
+    /// Tokens added whole, never split or merged (the first ids).
     #[serde(default = "default_specials")]
     pub special_tokens: Vec<String>,
 }
@@ -65,21 +74,22 @@ fn default_specials() -> Vec<String> {
     ]
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `tokenizer`: a Hugging Face tokenizer.json, loaded (`path`) or trained (`train`); give one.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
-    /// A tokenizer.json (a tokenizer_config.json beside it is used too).
+    /// A tokenizer.json, relative to the pipeline file (a tokenizer_config.json beside it is used
+    /// too).
     #[serde(default)]
     pub path: Option<String>,
-    /// Train a byte-level BPE tokenizer on the `data` input's train split instead.
+    /// Train a byte-level BPE tokenizer on the `data` input's train split instead of `path`.
     #[serde(default)]
     pub train: Option<BpeTrainConfig>,
-    /// Overrides the end-of-sequence token appended to every response.
+    /// Overrides the end-of-sequence token appended to every response (default: the
+    /// tokenizer_config.json's `eos_token`, else a common EOS name the vocabulary has).
     #[serde(default)]
     pub eos_token: Option<String>,
 }
-
-const KEYS: &[&str] = &["path", "train", "eos_token"];
 
 struct TokenizerStage {
     cfg: TokenizerConfig,
@@ -87,7 +97,7 @@ struct TokenizerStage {
 }
 
 fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
-    let cfg: TokenizerConfig = parse_config(params, KEYS)?;
+    let cfg: TokenizerConfig = parse_config(params)?;
     match (&cfg.path, &cfg.train) {
         (Some(_), Some(_)) => user_bail!("give either `path` or `train`, not both"),
         (None, None) => user_bail!("give `path: <tokenizer.json>` or `train: {{vocab_size: N}}`"),
@@ -126,7 +136,7 @@ impl Stage for TokenizerStage {
             return Ok(Vec::new());
         };
         let mut files = vec![p.clone()];
-        let cfg = p.with_file_name("tokenizer_config.json");
+        let cfg = HfTokenizer::config_beside(&p);
         if cfg.is_file() {
             files.push(cfg);
         }
@@ -136,14 +146,11 @@ impl Stage for TokenizerStage {
     fn run(&self, ctx: &RunContext) -> Result<Value> {
         let (tok, mut config) = match (&self.json_path(), &self.cfg.train) {
             (Some(p), _) => {
-                let tok = crate::tokenizer::load(p)?;
-                let config = read_tokenizer_config(&p.with_file_name("tokenizer_config.json"))?
-                    .unwrap_or_else(|| json!({}));
-                (tok, config)
+                let (tok, config) = HfTokenizer::open(p)?.into_parts();
+                (tok, config.unwrap_or_else(|| json!({})))
             }
             (None, Some(t)) => {
-                let data = ctx.input("data")?;
-                let tok = train(&data.dir.join("pairs.parquet"), t, ctx)?;
+                let tok = train(ctx.input("data")?, t, ctx)?;
                 let config = json!({
                     "bos_token": null,
                     "eos_token": "<|endoftext|>",
@@ -174,12 +181,7 @@ impl Stage for TokenizerStage {
             ))
         })?;
         config["eos_token"] = Value::String(eos.clone());
-        tok.save(ctx.out.join("tokenizer.json"), false)
-            .map_err(|e| anyhow::anyhow!("saving tokenizer.json: {e}"))?;
-        std::fs::write(
-            ctx.out.join("tokenizer_config.json"),
-            serde_json::to_vec_pretty(&config)?,
-        )?;
+        HfTokenizer::save(&tok, &config, ctx.out)?;
         Ok(
             json!({"vocab_size": tok.get_vocab_size(true), "eos_token": eos, "eos_token_id": eos_id}),
         )
@@ -188,20 +190,7 @@ impl Stage for TokenizerStage {
 
 const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// The tokenizer files of an upstream artifact: a `tokenizer` stage keeps them at its root, a
-/// model stage under `model/`.
-pub fn files_of(a: &Artifact) -> Result<(PathBuf, Option<Value>)> {
-    for dir in [a.dir.clone(), a.dir.join("model")] {
-        let json = dir.join("tokenizer.json");
-        if json.is_file() {
-            let cfg = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
-            return Ok((json, cfg));
-        }
-    }
-    user_bail!("stage `{}` ({}) holds no tokenizer.json", a.stage, a.kind)
-}
-
-fn train(pairs_path: &Path, t: &BpeTrainConfig, ctx: &RunContext) -> Result<Tokenizer> {
+fn train(data: &Artifact, t: &BpeTrainConfig, ctx: &RunContext) -> Result<Tokenizer> {
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::{
@@ -209,7 +198,7 @@ fn train(pairs_path: &Path, t: &BpeTrainConfig, ctx: &RunContext) -> Result<Toke
         TokenizerBuilder,
     };
 
-    let pairs = super::ingest::read_pairs(pairs_path)?;
+    let pairs = Pairs::open(data)?;
     let mut texts: Vec<String> = Vec::new();
     for p in pairs.iter().filter(|p| p.split == "train") {
         texts.extend(p.prompt.iter().map(|m| m.1.clone()));

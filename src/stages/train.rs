@@ -3,14 +3,18 @@
 //! `checkpoint_every` is set and a previous run was killed.
 
 use anyhow::Result;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::tokenize::read_tokens;
-use super::{BuildContext, Role, RunContext, Stage, StageKind, parse_config, to_params};
+use super::{
+    BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
+};
+use crate::artifacts::model::{LOSS_PLOT, METRICS_FILE, check_same_vocabulary};
+use crate::artifacts::{ModelDir, Tokens};
 use crate::data::parquet as pq;
 use crate::error::user;
-use crate::logprobs::{data_file, ensure};
+use crate::logprobs::ensure;
 use crate::train::trainer::{self, Example, Objective, StepMetrics, TrainSpec};
 use crate::user_bail;
 
@@ -39,50 +43,68 @@ pub static KIND: StageKind = StageKind {
     ],
     uses_device: true,
     build,
+    params_schema: params_schema::<TrainConfig>,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `train`: SFT, DPO, IPO, SimPO or SePO from a model artifact, with AdamW, linear warm-up
+/// then cosine decay of the learning rate, and global-norm gradient clipping.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// sft: next-token loss on the chosen responses; dpo, ipo: preference losses against the
+    /// `reference` input; simpo: reference-free, length-normalized; sepo: reference-free, on the
+    /// key tokens of a `select` stage given as `data`.
     pub objective: Objective,
+    /// Peak learning rate (reached after the warm-up), >= 0.
     #[serde(default = "d_lr")]
+    #[schemars(range(min = 0))]
     pub lr: f64,
+    /// Passes over the training data, at least 1.
     #[serde(default = "d_one")]
+    #[schemars(range(min = 1))]
     pub epochs: usize,
-    /// Pairs (or SFT examples) per micro-batch.
+    /// Pairs (or SFT examples) per micro-batch, at least 1.
     #[serde(default = "d_batch")]
+    #[schemars(range(min = 1))]
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, at least 1.
     #[serde(default = "d_one")]
+    #[schemars(range(min = 1))]
     pub grad_accum: usize,
+    /// Share of the optimizer steps spent warming the learning rate up from 0, in [0, 1].
     #[serde(default = "d_warmup")]
+    #[schemars(range(min = 0, max = 1))]
     pub warmup_ratio: f64,
+    /// AdamW's decoupled weight decay.
     #[serde(default)]
     pub weight_decay: f64,
     /// Global gradient-norm clip (0: measure only).
     #[serde(default = "d_clip")]
     pub max_grad_norm: f64,
-    /// DPO/IPO/SimPO beta.
+    /// DPO/IPO/SimPO beta (must be > 0 for them); IPO's tau.
     #[serde(default = "d_beta")]
     pub beta: f64,
-    /// SePO's gamma.
+    /// SePO's gamma: the scale of the key-token log-probability averages.
     #[serde(default = "d_gamma")]
     pub gamma: f64,
-    /// SePO's margin, SimPO's gamma.
+    /// SePO's margin, SimPO's gamma: subtracted inside the sigmoid.
     #[serde(default)]
     pub margin: f64,
-    /// cDPO label smoothing.
+    /// cDPO label smoothing: the assumed share of flipped preference labels, in [0, 0.5).
     #[serde(default)]
+    #[schemars(range(min = 0), extend("exclusiveMaximum" = 0.5))]
     pub label_smoothing: f64,
-    /// Train on a seeded random subset of this fraction of the train split.
+    /// Train on a seeded random subset of this fraction of the train split, in (0, 1].
     #[serde(default = "d_fraction")]
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     pub data_fraction: f64,
+    /// Shuffle the examples (seeded) every epoch.
     #[serde(default = "d_true")]
     pub shuffle: bool,
     /// Batch pairs of similar length (less padding).
     #[serde(default = "d_true")]
     pub group_by_length: bool,
-    /// Default: the pipeline's seed.
+    /// Seed of shuffling and `data_fraction`'s subset (default: the pipeline's seed).
     #[serde(default)]
     pub seed: Option<u64>,
     /// Keep a resumable checkpoint every N optimizer steps (0: none).
@@ -118,32 +140,12 @@ fn d_true() -> bool {
     true
 }
 
-const KEYS: &[&str] = &[
-    "objective",
-    "lr",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "beta",
-    "gamma",
-    "margin",
-    "label_smoothing",
-    "data_fraction",
-    "shuffle",
-    "group_by_length",
-    "seed",
-    "checkpoint_every",
-];
-
 struct Train {
     cfg: TrainConfig,
 }
 
 fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
-    let mut cfg: TrainConfig = parse_config(params, KEYS)?;
+    let mut cfg: TrainConfig = parse_config(params)?;
     cfg.seed = Some(cfg.seed.unwrap_or(ctx.pipeline_seed));
     let obj = cfg.objective.name();
     if cfg.batch_size == 0 {
@@ -247,30 +249,23 @@ impl Stage for Train {
         let spec = self.spec();
         let model_in = ctx.input("model")?;
         let data = ctx.input("data")?;
-        let path = data_file(data);
-        let rows = read_tokens(&path)?;
+        let tokens = Tokens::open(data)?;
+        let path = tokens.path();
+        let rows = tokens.rows()?;
         let (masks_c, masks_r) = if spec.objective == Objective::Sepo {
-            let df = pq::read(&path)?;
-            let r = pq::Reader {
-                df: &df,
-                file: &path,
-            };
-            if !r.has("chosen_mask") {
+            let Some((c, r)) = tokens.masks()? else {
                 user_bail!(
                     "objective `sepo` needs key-token masks: {} has no `chosen_mask`",
                     path.display()
                 );
-            }
-            (
-                Some(r.bool_lists("chosen_mask")?),
-                Some(r.bool_lists("rejected_mask")?),
-            )
+            };
+            (Some(c), Some(r))
         } else {
             (None, None)
         };
         let (ref_c, ref_r) = match ctx.input_opt("reference") {
             Some(reference) => {
-                super::score::check_same_vocabulary(model_in, reference)?;
+                check_same_vocabulary(model_in, reference)?;
                 let lp = ensure(ctx, reference, data, "reference")?;
                 (lp.chosen_sums(), lp.rejected_sums())
             }
@@ -304,7 +299,7 @@ impl Stage for Train {
             user_bail!("{}: a row has an empty prompt", path.display());
         }
         let device = crate::device::parse_device(ctx.device).map_err(|e| user(e.to_string()))?;
-        let model = super::model::load_artifact(model_in, &device.clone().autodiff())?;
+        let model = ModelDir::of(model_in).load(&device.clone().autodiff())?;
         let vocab = model.vocab_size();
         if let Some(bad) = examples
             .iter()
@@ -336,19 +331,14 @@ impl Stage for Train {
             ctx.progress,
             ctx.stage,
         )?;
-        let out = ctx.out.join("model");
-        model.save(&out)?;
-        let src = model_in.dir.join("model");
-        for f in ["tokenizer.json", "tokenizer_config.json"] {
-            if src.join(f).is_file() {
-                std::fs::copy(src.join(f), out.join(f))?;
-            }
-        }
-        write_metrics(&metrics, &ctx.out.join("metrics.parquet"))?;
+        let out = ModelDir::in_artifact(ctx.out);
+        out.save(&model)?;
+        ModelDir::of(model_in).copy_tokenizer_to(&out)?;
+        write_metrics(&metrics, &ctx.out.join(METRICS_FILE))?;
         crate::train::plot::loss_png(
             &metrics,
             &format!("{} ({})", ctx.stage, spec.objective.name()),
-            &ctx.out.join("loss.png"),
+            &ctx.out.join(LOSS_PLOT),
         )?;
         let last = metrics.last().cloned().unwrap_or_default();
         Ok(json!({

@@ -17,7 +17,7 @@ use super::schedule::lr_at;
 use crate::model::CausalLm;
 use crate::progress::Progress;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     Sft,

@@ -1,0 +1,133 @@
+//! The `model` and `train` artifacts: a Hugging Face model folder, `model/` (config.json, the
+//! weights, tokenizer.json and tokenizer_config.json); `train` also writes its metrics.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::{Artifact, HfTokenizer};
+use crate::error::user;
+use crate::model::safetensors_io::WeightSource;
+use crate::model::{CONFIG_FILE, CausalLm};
+use crate::user_bail;
+
+/// Beside its model, a `train` artifact holds its per-step metrics (Parquet) ...
+pub const METRICS_FILE: &str = "metrics.parquet";
+/// ... and their plot.
+pub const LOSS_PLOT: &str = "loss.png";
+
+/// A Hugging Face model folder: the `model/` of a `model` or `train` artifact, or one the user
+/// has.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    dir: PathBuf,
+}
+
+impl ModelDir {
+    /// The folder a `model` or `train` artifact keeps its model in.
+    pub const DIR: &'static str = "model";
+
+    /// The model of a `model` or `train` artifact.
+    pub fn of(a: &Artifact) -> ModelDir {
+        Self::in_artifact(&a.dir)
+    }
+
+    /// Where the artifact in folder `out` keeps (or a running stage writes) its model.
+    pub fn in_artifact(out: &Path) -> ModelDir {
+        ModelDir {
+            dir: out.join(Self::DIR),
+        }
+    }
+
+    /// A model folder anywhere.
+    pub fn at(dir: &Path) -> ModelDir {
+        ModelDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config_json(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    /// The files that define the model: config.json, the weight files that loading reads
+    /// ([`WeightSource::find`]: `model.safetensors` when present, else the index and its
+    /// shards), and the tokenizer files present.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        let dir = &self.dir;
+        if !dir.is_dir() {
+            user_bail!("{}: model folder not found", dir.display());
+        }
+        let mut files = vec![self.config_json()];
+        let weights = WeightSource::find(dir).map_err(|e| user(format!("{e:#}")))?;
+        files.extend(weights.files());
+        files.extend(HfTokenizer::files_in(dir));
+        for f in &files {
+            if !f.is_file() {
+                user_bail!("{}: missing from the model folder", f.display());
+            }
+        }
+        Ok(files)
+    }
+
+    /// Loads the model onto `device`.
+    pub fn load(&self, device: &burn::tensor::Device) -> Result<CausalLm> {
+        CausalLm::load(&self.dir, device)
+    }
+
+    /// Writes `model` (config.json and weights) here, creating the folder.
+    pub fn save(&self, model: &CausalLm) -> Result<()> {
+        model.save(&self.dir)
+    }
+
+    /// Whether the folder has a tokenizer.json.
+    pub fn has_tokenizer(&self) -> bool {
+        HfTokenizer::json_in(&self.dir).is_file()
+    }
+
+    /// The tokenizer in the folder.
+    pub fn tokenizer(&self) -> Result<HfTokenizer> {
+        HfTokenizer::open_dir(&self.dir)
+    }
+
+    /// Copies the tokenizer files present here, as they are, into the model folder `dest`.
+    pub fn copy_tokenizer_to(&self, dest: &ModelDir) -> Result<()> {
+        for src in HfTokenizer::files_in(&self.dir) {
+            let name = src.file_name().expect("a file in the folder");
+            std::fs::copy(&src, dest.dir.join(name))?;
+        }
+        Ok(())
+    }
+
+    /// config.json's `vocab_size` and the content hash of tokenizer.json (empty when absent).
+    fn vocabulary(&self) -> Result<(usize, String)> {
+        let cfg: Value = serde_json::from_slice(&std::fs::read(self.config_json())?)?;
+        let n = cfg["vocab_size"].as_u64().unwrap_or(0) as usize;
+        let tok =
+            crate::pipeline::stage::hash_file(&HfTokenizer::json_in(&self.dir)).unwrap_or_default();
+        Ok((n, tok))
+    }
+}
+
+/// Refuses two models (of `model` or `train` artifacts) whose token ids mean different things.
+pub fn check_same_vocabulary(a: &Artifact, b: &Artifact) -> Result<()> {
+    let ((na, ta), (nb, tb)) = (ModelDir::of(a).vocabulary()?, ModelDir::of(b).vocabulary()?);
+    if na != nb || ta != tb {
+        user_bail!(
+            "`{}` and `{}` have different vocabularies ({na} vs {nb} tokens{}): their log-probs cannot be compared",
+            a.stage,
+            b.stage,
+            if ta != tb {
+                ", different tokenizer.json"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The token artifacts: `tokenize` writes `tokens.parquet`; `score` and `select` write the same
+//! rows with columns added (`scores.parquet`, `selection.parquet`), so [`Tokens`] reads the token
+//! columns of any of the three.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use polars::prelude::DataFrame;
+
+use super::Artifact;
+use crate::data::parquet as pq;
+use crate::user_bail;
+
+/// One tokenized pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub id: String,
+    pub split: String,
+    pub prompt_ids: Vec<u32>,
+    pub chosen_ids: Vec<u32>,
+    pub rejected_ids: Vec<u32>,
+    pub truncated: bool,
+}
+
+/// The key-token masks of the chosen and of the rejected responses, one per row.
+pub type Masks = (Vec<Vec<bool>>, Vec<Vec<bool>>);
+
+/// The token columns of a `tokenize`, `score` or `select` artifact.
+pub struct Tokens {
+    path: PathBuf,
+}
+
+impl Tokens {
+    /// The file a `tokenize` artifact holds.
+    pub const FILE: &'static str = "tokens.parquet";
+
+    /// The token data of a `tokenize`, `score` or `select` artifact.
+    pub fn open(a: &Artifact) -> Result<Tokens> {
+        let file = match a.kind.as_str() {
+            "tokenize" => Tokens::FILE,
+            "score" => Scores::FILE,
+            "select" => Selection::FILE,
+            other => user_bail!("stage `{}` ({other}) holds no token ids", a.stage),
+        };
+        Ok(Tokens {
+            path: a.dir.join(file),
+        })
+    }
+
+    /// The Parquet file holding the token columns.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every row, in file order.
+    pub fn rows(&self) -> Result<Vec<TokenRow>> {
+        read_tokens(&self.path)
+    }
+
+    /// The whole file, for a stage that adds columns to it.
+    pub fn frame(&self) -> Result<DataFrame> {
+        pq::read(&self.path)
+    }
+
+    /// The key-token masks (`chosen_mask`, `rejected_mask`) of a `select` artifact; `None` when
+    /// the file has no `chosen_mask`.
+    pub fn masks(&self) -> Result<Option<Masks>> {
+        let df = pq::read(&self.path)?;
+        let r = pq::Reader {
+            df: &df,
+            file: &self.path,
+        };
+        if !r.has("chosen_mask") {
+            return Ok(None);
+        }
+        Ok(Some((
+            r.bool_lists("chosen_mask")?,
+            r.bool_lists("rejected_mask")?,
+        )))
+    }
+
+    /// Writes `rows` as the artifact in `out`.
+    pub fn write(rows: &[TokenRow], out: &Path) -> Result<()> {
+        pq::write(&mut to_frame(rows)?, &out.join(Self::FILE))
+    }
+}
+
+/// The token scores of a `score` artifact: the token columns plus `chosen_scores` and
+/// `rejected_scores` (and the rewards, their sums).
+pub struct Scores {
+    path: PathBuf,
+    df: DataFrame,
+}
+
+impl Scores {
+    /// The file a `score` artifact holds.
+    pub const FILE: &'static str = "scores.parquet";
+
+    /// Reads a `score` artifact.
+    pub fn open(a: &Artifact) -> Result<Scores> {
+        let path = a.dir.join(Self::FILE);
+        let df = pq::read(&path)?;
+        Ok(Scores { path, df })
+    }
+
+    fn reader(&self) -> pq::Reader<'_> {
+        pq::Reader {
+            df: &self.df,
+            file: &self.path,
+        }
+    }
+
+    /// The score of every chosen response token, per row.
+    pub fn chosen(&self) -> Result<Vec<Vec<f32>>> {
+        self.reader().f32_lists("chosen_scores")
+    }
+
+    /// The score of every rejected response token, per row.
+    pub fn rejected(&self) -> Result<Vec<Vec<f32>>> {
+        self.reader().f32_lists("rejected_scores")
+    }
+
+    /// The whole file, for a stage that adds columns to it.
+    pub fn into_frame(self) -> DataFrame {
+        self.df
+    }
+
+    /// Writes `df` (the token columns with the score columns added) as the artifact in `out`.
+    pub fn write(df: &mut DataFrame, out: &Path) -> Result<()> {
+        pq::write(df, &out.join(Self::FILE))
+    }
+}
+
+/// The key tokens of a `select` artifact: the score columns plus `chosen_mask` and
+/// `rejected_mask`. Read it with [`Tokens::open`] and [`Tokens::masks`].
+pub struct Selection;
+
+impl Selection {
+    /// The file a `select` artifact holds.
+    pub const FILE: &'static str = "selection.parquet";
+
+    /// Writes `df` (the score columns with the masks added) as the artifact in `out`.
+    pub fn write(df: &mut DataFrame, out: &Path) -> Result<()> {
+        pq::write(df, &out.join(Self::FILE))
+    }
+}
+
+pub fn to_frame(rows: &[TokenRow]) -> Result<DataFrame> {
+    pq::frame(vec![
+        pq::utf8("id", rows.iter().map(|r| r.id.clone()).collect()),
+        pq::utf8("split", rows.iter().map(|r| r.split.clone()).collect()),
+        pq::list(
+            "prompt_ids",
+            &rows
+                .iter()
+                .map(|r| r.prompt_ids.clone())
+                .collect::<Vec<_>>(),
+        ),
+        pq::list(
+            "chosen_ids",
+            &rows
+                .iter()
+                .map(|r| r.chosen_ids.clone())
+                .collect::<Vec<_>>(),
+        ),
+        pq::list(
+            "rejected_ids",
+            &rows
+                .iter()
+                .map(|r| r.rejected_ids.clone())
+                .collect::<Vec<_>>(),
+        ),
+        pq::bools("truncated", rows.iter().map(|r| r.truncated).collect()),
+    ])
+}
+
+/// Reads `tokens.parquet` (or any file carrying its columns) back.
+pub fn read_tokens(path: &Path) -> Result<Vec<TokenRow>> {
+    let df = pq::read(path)?;
+    let r = pq::Reader {
+        df: &df,
+        file: path,
+    };
+    let (id, split) = (r.strings("id")?, r.strings("split")?);
+    let (p, c, j) = (
+        r.u32_lists("prompt_ids")?,
+        r.u32_lists("chosen_ids")?,
+        r.u32_lists("rejected_ids")?,
+    );
+    let t = r.bools("truncated")?;
+    Ok((0..df.height())
+        .map(|i| TokenRow {
+            id: id[i].clone(),
+            split: split[i].clone(),
+            prompt_ids: p[i].clone(),
+            chosen_ids: c[i].clone(),
+            rejected_ids: j[i].clone(),
+            truncated: t[i],
+        })
+        .collect())
+}
