@@ -6,6 +6,7 @@ pub mod executor;
 pub mod gc;
 pub mod graph;
 pub mod hash;
+pub mod integrity;
 pub mod spec;
 pub mod stage;
 pub mod store;

@@ -1,0 +1,546 @@
+use super::*;
+use burn::tensor::{DType, Device, TensorData};
+use serde_json::Value;
+
+const FIXTURE: &str = include_str!("../../../tests/fixtures/losses.json");
+const TOL: f64 = 1e-5;
+
+fn fixture() -> Value {
+    serde_json::from_str(FIXTURE).expect("losses.json parses")
+}
+
+fn device() -> Device {
+    Device::default().autodiff()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("a list")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
+fn t1(v: &Value, dtype: DType, dev: &Device) -> Tensor<1> {
+    let xs = floats(v);
+    let n = xs.len();
+    Tensor::from_data(TensorData::new(xs, [n]), (dev, dtype))
+}
+
+/// A ragged list of rows as a right-padded `[B, T]` tensor (padding 0.0) and its validity
+/// mask (1.0 on real positions).
+fn padded(v: &Value, dtype: DType, dev: &Device) -> (Tensor<2>, Tensor<2>, Vec<usize>) {
+    let rows: Vec<Vec<f64>> = v.as_array().unwrap().iter().map(floats).collect();
+    let t = rows.iter().map(Vec::len).max().unwrap();
+    let b = rows.len();
+    let mut vals = vec![0.0; b * t];
+    let mut mask = vec![0.0; b * t];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, x) in r.iter().enumerate() {
+            vals[i * t + j] = *x;
+            mask[i * t + j] = 1.0;
+        }
+    }
+    let lens = rows.iter().map(Vec::len).collect();
+    (
+        Tensor::from_data(TensorData::new(vals, [b, t]), (dev, dtype)),
+        Tensor::from_data(TensorData::new(mask, [b, t]), (dev, dtype)),
+        lens,
+    )
+}
+
+/// A ragged list of bool rows as a right-padded 0/1 `[B, T]` float mask.
+fn bool_mask(v: &Value, t: usize, dtype: DType, dev: &Device) -> Tensor<2> {
+    let rows = v.as_array().unwrap();
+    let b = rows.len();
+    let mut mask = vec![0.0f64; b * t];
+    for (i, r) in rows.iter().enumerate() {
+        for (j, x) in r.as_array().unwrap().iter().enumerate() {
+            if x.as_bool().unwrap() {
+                mask[i * t + j] = 1.0;
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [b, t]), (dev, dtype))
+}
+
+fn vec_of<const D: usize>(t: &Tensor<D>) -> Vec<f64> {
+    t.to_data().convert::<f64>().try_to_vec::<f64>().unwrap()
+}
+
+#[track_caller]
+fn close(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0.0f64;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = (g - w).abs();
+        assert!(
+            d <= tol,
+            "{what}[{i}]: got {g}, want {w} (|diff| {d:e} > {tol:e})"
+        );
+        worst = worst.max(d);
+    }
+    eprintln!("max |diff| {worst:.2e}  {what}");
+    worst
+}
+
+/// Compares the valid (unpadded) entries of a `[B, T]` gradient with a ragged fixture.
+#[track_caller]
+fn close_ragged(what: &str, got: &Tensor<2>, want: &Value, lens: &[usize]) -> f64 {
+    let [_, t] = got.dims();
+    let g = vec_of(got);
+    let mut worst = 0.0f64;
+    for (i, row) in want.as_array().unwrap().iter().enumerate() {
+        let w = floats(row);
+        assert_eq!(w.len(), lens[i]);
+        worst = worst.max(close(
+            &format!("{what} row {i}"),
+            &g[i * t..i * t + lens[i]],
+            &w,
+            TOL,
+        ));
+        for (j, x) in g[i * t + lens[i]..(i + 1) * t].iter().enumerate() {
+            assert_eq!(
+                *x,
+                0.0,
+                "{what}: padding [{i}, {}] got gradient {x}",
+                lens[i] + j
+            );
+        }
+    }
+    worst
+}
+
+struct Inputs {
+    pc: Tensor<1>,
+    pr: Tensor<1>,
+    rc: Tensor<1>,
+    rr: Tensor<1>,
+    nc: Tensor<1>,
+    nr: Tensor<1>,
+}
+
+fn inputs(fx: &Value, dtype: DType, dev: &Device) -> Inputs {
+    let i = &fx["inputs"];
+    Inputs {
+        pc: t1(&i["pc"], dtype, dev).require_grad(),
+        pr: t1(&i["pr"], dtype, dev).require_grad(),
+        rc: t1(&i["rc"], dtype, dev),
+        rr: t1(&i["rr"], dtype, dev),
+        nc: t1(&i["nc"], dtype, dev),
+        nr: t1(&i["nr"], dtype, dev),
+    }
+}
+
+fn metrics_match(what: &str, m: &PairMetrics, case: &Value) {
+    let mean = |v: &Value| {
+        let xs = floats(v);
+        xs.iter().sum::<f64>() / xs.len() as f64
+    };
+    let c = mean(&case["chosen_rewards"]);
+    let r = mean(&case["rejected_rewards"]);
+    close(
+        &format!("{what} reward_chosen"),
+        &[m.reward_chosen],
+        &[c],
+        TOL,
+    );
+    close(
+        &format!("{what} reward_rejected"),
+        &[m.reward_rejected],
+        &[r],
+        TOL,
+    );
+    close(
+        &format!("{what} reward_margin"),
+        &[m.reward_margin],
+        &[c - r],
+        TOL,
+    );
+    if let Some(acc) = case.get("reward_accuracy") {
+        assert_eq!(m.reward_accuracy, acc.as_f64().unwrap(), "{what} accuracy");
+    }
+    close(
+        &format!("{what} loss (metrics)"),
+        &[m.loss],
+        &[case["loss"].as_f64().unwrap()],
+        TOL,
+    );
+}
+
+#[test]
+fn dpo_matches_fixture_loss_rewards_and_gradients() {
+    let fx = fixture();
+    let dev = device();
+    for (k, case) in fx["dpo"].as_array().unwrap().iter().enumerate() {
+        let x = inputs(&fx, DType::F32, &dev);
+        let beta = case["beta"].as_f64().unwrap();
+        let ls = case["label_smoothing"].as_f64().unwrap();
+        let out = dpo(x.pc.clone(), x.pr.clone(), x.rc, x.rr, beta, ls);
+        let what = format!("dpo[{k}] beta {beta} ls {ls}");
+        close(
+            &what,
+            &vec_of(&out.loss),
+            &[case["loss"].as_f64().unwrap()],
+            TOL,
+        );
+        close(
+            &format!("{what} chosen_rewards"),
+            &vec_of(&out.chosen_reward),
+            &floats(&case["chosen_rewards"]),
+            TOL,
+        );
+        close(
+            &format!("{what} rejected_rewards"),
+            &vec_of(&out.rejected_reward),
+            &floats(&case["rejected_rewards"]),
+            TOL,
+        );
+        close(
+            &format!("{what} reward_margin_mean"),
+            &[out.metrics().reward_margin],
+            &[case["reward_margin_mean"].as_f64().unwrap()],
+            TOL,
+        );
+        metrics_match(&what, &out.metrics(), case);
+        let grads = out.loss.backward();
+        close(
+            &format!("{what} grad_pc"),
+            &vec_of(&x.pc.grad(&grads).unwrap()),
+            &floats(&case["grad_pc"]),
+            TOL,
+        );
+        close(
+            &format!("{what} grad_pr"),
+            &vec_of(&x.pr.grad(&grads).unwrap()),
+            &floats(&case["grad_pr"]),
+            TOL,
+        );
+    }
+    // The recorded single-coordinate check: d loss / d pc[0] (beta 0.1, ls 0).
+    let gc = &fx["dpo_grad_check"];
+    let x = inputs(&fx, DType::F32, &dev);
+    let out = dpo(x.pc.clone(), x.pr, x.rc, x.rr, 0.1, 0.0);
+    let g = vec_of(&x.pc.grad(&out.loss.backward()).unwrap())[0];
+    close(
+        "dpo_grad_check autograd",
+        &[g],
+        &[gc["autograd"].as_f64().unwrap()],
+        TOL,
+    );
+    close(
+        "dpo_grad_check closed form",
+        &[g],
+        &[gc["closed_form"].as_f64().unwrap()],
+        TOL,
+    );
+}
+
+#[test]
+fn ipo_matches_fixture() {
+    let fx = fixture();
+    let dev = device();
+    let case = &fx["ipo"][0];
+    let x = inputs(&fx, DType::F32, &dev);
+    let beta = case["beta"].as_f64().unwrap();
+    let out = ipo(x.pc, x.pr, x.rc.clone(), x.rr.clone(), x.nc, x.nr, beta);
+    close(
+        "ipo loss",
+        &vec_of(&out.loss),
+        &[case["loss"].as_f64().unwrap()],
+        TOL,
+    );
+    // Rewards are beta * (policy - reference) on average log-probs (TRL's IPO convention).
+    let i = &fx["inputs"];
+    let (pc, rc, nc) = (floats(&i["pc"]), floats(&i["rc"]), floats(&i["nc"]));
+    let (pr, rr, nr) = (floats(&i["pr"]), floats(&i["rr"]), floats(&i["nr"]));
+    let want_c: Vec<f64> = (0..4)
+        .map(|k| beta * (pc[k] / nc[k] - rc[k] / nc[k]))
+        .collect();
+    let want_r: Vec<f64> = (0..4)
+        .map(|k| beta * (pr[k] / nr[k] - rr[k] / nr[k]))
+        .collect();
+    close(
+        "ipo chosen_reward",
+        &vec_of(&out.chosen_reward),
+        &want_c,
+        TOL,
+    );
+    close(
+        "ipo rejected_reward",
+        &vec_of(&out.rejected_reward),
+        &want_r,
+        TOL,
+    );
+    // The per-pair logits recorded in the fixture are chosen - rejected reward, over beta.
+    let logits = floats(&case["logits"]);
+    let m = out.metrics();
+    close(
+        "ipo margin",
+        &[m.reward_margin],
+        &[beta * logits.iter().sum::<f64>() / 4.0],
+        TOL,
+    );
+}
+
+#[test]
+fn simpo_matches_fixture() {
+    let fx = fixture();
+    let dev = device();
+    let case = &fx["simpo"][0];
+    let x = inputs(&fx, DType::F32, &dev);
+    let beta = case["beta"].as_f64().unwrap();
+    let margin = case["margin"].as_f64().unwrap();
+    let out = simpo(x.pc.clone(), x.pr.clone(), x.nc, x.nr, beta, margin);
+    close(
+        "simpo loss",
+        &vec_of(&out.loss),
+        &[case["loss"].as_f64().unwrap()],
+        TOL,
+    );
+    let i = &fx["inputs"];
+    let (pc, nc, pr, nr) = (
+        floats(&i["pc"]),
+        floats(&i["nc"]),
+        floats(&i["pr"]),
+        floats(&i["nr"]),
+    );
+    let want_c: Vec<f64> = (0..4).map(|k| beta * pc[k] / nc[k]).collect();
+    let want_r: Vec<f64> = (0..4).map(|k| beta * pr[k] / nr[k]).collect();
+    close(
+        "simpo chosen_reward",
+        &vec_of(&out.chosen_reward),
+        &want_c,
+        TOL,
+    );
+    close(
+        "simpo rejected_reward",
+        &vec_of(&out.rejected_reward),
+        &want_r,
+        TOL,
+    );
+    let grads = out.loss.backward();
+    close(
+        "simpo grad_pc",
+        &vec_of(&x.pc.grad(&grads).unwrap()),
+        &floats(&case["grad_pc"]),
+        TOL,
+    );
+    close(
+        "simpo grad_pr",
+        &vec_of(&x.pr.grad(&grads).unwrap()),
+        &floats(&case["grad_pr"]),
+        TOL,
+    );
+}
+
+#[test]
+fn sepo_matches_fixture_loss_u_and_token_gradients() {
+    let fx = fixture();
+    let dev = device();
+    let i = &fx["inputs"];
+    for (k, case) in fx["sepo"].as_array().unwrap().iter().enumerate() {
+        let (lc, _, lens_c) = padded(&i["policy_chosen_token_logps"], DType::F32, &dev);
+        let (lr, _, lens_r) = padded(&i["policy_rejected_token_logps"], DType::F32, &dev);
+        let lc = lc.require_grad();
+        let lr = lr.require_grad();
+        let mc = bool_mask(&i["chosen_mask"], lc.dims()[1], DType::F32, &dev);
+        let mr = bool_mask(&i["rejected_mask"], lr.dims()[1], DType::F32, &dev);
+        let gamma = case["gamma"].as_f64().unwrap();
+        let margin = case["margin"].as_f64().unwrap();
+        let out = sepo(lc.clone(), mc, lr.clone(), mr, gamma, margin);
+        let what = format!("sepo[{k}] gamma {gamma} margin {margin}");
+        close(
+            &what,
+            &vec_of(&out.loss),
+            &[case["loss"].as_f64().unwrap()],
+            TOL,
+        );
+        close(
+            &format!("{what} u_chosen"),
+            &vec_of(&out.chosen_reward),
+            &floats(&case["u_chosen"]),
+            TOL,
+        );
+        close(
+            &format!("{what} u_rejected"),
+            &vec_of(&out.rejected_reward),
+            &floats(&case["u_rejected"]),
+            TOL,
+        );
+        let grads = out.loss.backward();
+        close_ragged(
+            &format!("{what} grad chosen"),
+            &lc.grad(&grads).unwrap(),
+            &case["grad_policy_chosen_token_logps"],
+            &lens_c,
+        );
+        close_ragged(
+            &format!("{what} grad rejected"),
+            &lr.grad(&grads).unwrap(),
+            &case["grad_policy_rejected_token_logps"],
+            &lens_r,
+        );
+    }
+}
+
+#[test]
+fn sft_is_token_weighted_and_matches_fixture() {
+    let fx = fixture();
+    let dev = device();
+    let (lc, mask, lens) = padded(&fx["inputs"]["policy_chosen_token_logps"], DType::F32, &dev);
+    let lc = lc.require_grad();
+    let loss = sft(lc.clone(), mask);
+    let want = fx["sft"]["loss"].as_f64().unwrap();
+    close("sft loss", &vec_of(&loss), &[want], TOL);
+    let contrast = fx["sft"]["loss_sequence_mean_for_contrast"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (vec_of(&loss)[0] - contrast).abs() > 1e-2,
+        "sft must not be the per-sequence mean"
+    );
+    let grads = loss.backward();
+    close_ragged(
+        "sft grad",
+        &lc.grad(&grads).unwrap(),
+        &fx["sft"]["grad_policy_chosen_token_logps"],
+        &lens,
+    );
+}
+
+/// Central finite differences, in float64, of the SePO loss with respect to one chosen and one
+/// rejected key-token log-prob, against burn's autodiff gradient.
+#[test]
+fn sepo_autodiff_gradient_matches_finite_difference() {
+    let fx = fixture();
+    let dev = device();
+    let i = &fx["inputs"];
+    let (gamma, margin) = (2.0, 0.3);
+    let (lc0, _, _) = padded(&i["policy_chosen_token_logps"], DType::F64, &dev);
+    let (lr0, _, _) = padded(&i["policy_rejected_token_logps"], DType::F64, &dev);
+    let [b, tc] = lc0.dims();
+    let tr = lr0.dims()[1];
+    let mc = bool_mask(&i["chosen_mask"], tc, DType::F64, &dev);
+    let mr = bool_mask(&i["rejected_mask"], tr, DType::F64, &dev);
+    let base_c = vec_of(&lc0);
+    let base_r = vec_of(&lr0);
+    let loss_at = |c: &[f64], r: &[f64]| -> f64 {
+        let c = Tensor::<2>::from_data(TensorData::new(c.to_vec(), [b, tc]), (&dev, DType::F64));
+        let r = Tensor::<2>::from_data(TensorData::new(r.to_vec(), [b, tr]), (&dev, DType::F64));
+        vec_of(&sepo(c, mc.clone(), r, mr.clone(), gamma, margin).loss)[0]
+    };
+    let lc = lc0.require_grad();
+    let lr = lr0.require_grad();
+    let out = sepo(
+        lc.clone(),
+        mc.clone(),
+        lr.clone(),
+        mr.clone(),
+        gamma,
+        margin,
+    );
+    assert_eq!(out.loss.dtype(), DType::F64);
+    let grads = out.loss.backward();
+    let gc = vec_of(&lc.grad(&grads).unwrap());
+    let gr = vec_of(&lr.grad(&grads).unwrap());
+    let h = 1e-6;
+    // chosen row 0 token 1 and rejected row 3 token 2 are key tokens in the fixture masks.
+    for (is_chosen, idx) in [(true, 1usize), (false, 3 * tr + 2)] {
+        let (mut plus_c, mut plus_r) = (base_c.clone(), base_r.clone());
+        let (mut minus_c, mut minus_r) = (base_c.clone(), base_r.clone());
+        if is_chosen {
+            plus_c[idx] += h;
+            minus_c[idx] -= h;
+        } else {
+            plus_r[idx] += h;
+            minus_r[idx] -= h;
+        }
+        let fd = (loss_at(&plus_c, &plus_r) - loss_at(&minus_c, &minus_r)) / (2.0 * h);
+        let ad = if is_chosen { gc[idx] } else { gr[idx] };
+        assert!(
+            ad.abs() > 1e-3,
+            "pick a coordinate with a real gradient (got {ad})"
+        );
+        assert!(
+            (fd - ad).abs() < 1e-7,
+            "finite difference {fd} vs autodiff {ad}"
+        );
+    }
+}
+
+/// Extreme logits stay finite, and the gradient at logits = 0 (policy == reference, DPO's first
+/// step) is sigmoid(0) = 0.5 per unit, not a kink artefact.
+#[test]
+fn log_sigmoid_is_stable_and_smooth_at_zero() {
+    let dev = device();
+    let big = Tensor::<1>::from_floats([200.0f32, -200.0, 0.0, 1e-3], &dev).require_grad();
+    let zero = Tensor::<1>::zeros([4], &dev);
+    let out = dpo(big.clone(), zero.clone(), zero.clone(), zero, 1.0, 0.0);
+    let l = vec_of(&out.loss)[0];
+    assert!(l.is_finite(), "loss {l}");
+    // losses: ~0, 200, ln 2, ~ln 2 - 5e-4
+    close(
+        "extreme dpo loss",
+        &[l],
+        &[(0.0 + 200.0 + 2f64.ln() + (2f64.ln() - 5e-4)) / 4.0],
+        1e-4,
+    );
+    let g = vec_of(&big.grad(&out.loss.backward()).unwrap());
+    assert!(g.iter().all(|x| x.is_finite()));
+    close("grad at 0", &[g[2]], &[-0.5 / 4.0], 1e-7);
+    close("grad at +200", &[g[0]], &[0.0], 1e-7);
+    close("grad at -200", &[g[1]], &[-1.0 / 4.0], 1e-7);
+}
+
+/// The reference log-probs come from a model without autodiff (`reference.valid()`): mixing
+/// them with the policy's autodiff tensors treats them as constants, and gives the same loss
+/// and gradients as the all-autodiff fixture run.
+#[test]
+fn reference_without_autodiff_mixes_with_policy() {
+    let fx = fixture();
+    let dev = device();
+    let x = inputs(&fx, DType::F32, &dev);
+    let rc = x.rc.clone().inner();
+    let rr = x.rr.clone().inner();
+    assert!(!rc.is_autodiff() && x.pc.is_autodiff());
+    let out = dpo(x.pc.clone(), x.pr.clone(), rc, rr, 0.1, 0.0);
+    let case = &fx["dpo"][0];
+    close(
+        "dpo, plain reference",
+        &vec_of(&out.loss),
+        &[case["loss"].as_f64().unwrap()],
+        TOL,
+    );
+    let grads = out.loss.backward();
+    close(
+        "dpo, plain reference, grad_pc",
+        &vec_of(&x.pc.grad(&grads).unwrap()),
+        &floats(&case["grad_pc"]),
+        TOL,
+    );
+}
+
+/// A padding position holding -inf (an underflowed log-softmax) must not poison the row.
+#[test]
+fn masked_positions_may_hold_non_finite_values() {
+    let dev = device();
+    let logps = Tensor::<2>::from_floats(
+        [[-1.0f32, -2.0, f32::NEG_INFINITY], [-0.5, -0.25, -4.0]],
+        &dev,
+    );
+    let mask = Tensor::<2>::from_floats([[1.0f32, 1.0, 0.0], [0.0, 1.0, 1.0]], &dev);
+    close(
+        "masked_sum",
+        &vec_of(&masked_sum(logps.clone(), mask.clone())),
+        &[-3.0, -4.25],
+        0.0,
+    );
+    close(
+        "masked_count",
+        &vec_of(&masked_count(mask.clone())),
+        &[2.0, 2.0],
+        0.0,
+    );
+    close("sft", &vec_of(&sft(logps, mask)), &[7.25 / 4.0], 1e-7);
+}
