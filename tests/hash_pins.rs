@@ -8,17 +8,8 @@ use common::*;
 
 fn hashes(pipeline: &str) -> Vec<(String, String)> {
     let cache = tempfile::tempdir().unwrap();
-    let r = sepo(&[
-        "status",
-        &data(pipeline),
-        "--json",
-        "--cache",
-        &cache.path().display().to_string(),
-    ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    v.as_array()
-        .unwrap()
+    let cache = cache.path().display().to_string();
+    status_json(&data(pipeline), &["--cache", &cache])
         .iter()
         .map(|s| {
             (

@@ -7,13 +7,7 @@ use common::*;
 
 /// `status --json` as (stage, state, why joined).
 fn whys(p: &str, extra: &[&str]) -> Vec<(String, String, String)> {
-    let mut args = vec!["status", p, "--json"];
-    args.extend_from_slice(extra);
-    let r = sepo(&args);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    v.as_array()
-        .unwrap()
+    status_json(p, extra)
         .iter()
         .map(|s| {
             let why: Vec<&str> = s["why"]

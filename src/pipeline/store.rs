@@ -84,17 +84,23 @@ pub enum EntryType {
     Other,
 }
 
+impl From<std::fs::FileType> for EntryType {
+    /// From a type read without following links (`symlink_metadata`, `DirEntry::file_type`).
+    fn from(ft: std::fs::FileType) -> EntryType {
+        if ft.is_symlink() {
+            EntryType::Symlink
+        } else if ft.is_dir() {
+            EntryType::Dir
+        } else if ft.is_file() {
+            EntryType::File
+        } else {
+            EntryType::Other
+        }
+    }
+}
+
 pub fn entry_type(path: &Path) -> Option<EntryType> {
-    let ft = std::fs::symlink_metadata(path).ok()?.file_type();
-    Some(if ft.is_symlink() {
-        EntryType::Symlink
-    } else if ft.is_dir() {
-        EntryType::Dir
-    } else if ft.is_file() {
-        EntryType::File
-    } else {
-        EntryType::Other
-    })
+    Some(std::fs::symlink_metadata(path).ok()?.file_type().into())
 }
 
 /// Every entry below `dir` (relative, `/`-separated, sorted) with its type; links and special
@@ -106,16 +112,7 @@ pub fn list_tree(dir: &Path) -> Result<Vec<(String, EntryType)>> {
         {
             let e = e?;
             let p = e.path();
-            let ft = e.file_type()?;
-            let t = if ft.is_symlink() {
-                EntryType::Symlink
-            } else if ft.is_dir() {
-                EntryType::Dir
-            } else if ft.is_file() {
-                EntryType::File
-            } else {
-                EntryType::Other
-            };
+            let t = EntryType::from(e.file_type()?);
             if t == EntryType::Dir {
                 walk(root, &p, out)?;
                 continue;

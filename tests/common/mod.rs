@@ -54,13 +54,19 @@ pub fn small_yaml(extra_tokenize: &str) -> String {
     )
 }
 
-/// `sepo status --json` as (stage, state, hash) triples.
-pub fn status(p: &str) -> Vec<(String, String, String)> {
-    let r = sepo(&["status", p, "--json"]);
+/// `sepo status P.yaml --json EXTRA...`, one JSON object per stage.
+pub fn status_json(p: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["status", p, "--json"];
+    args.extend_from_slice(extra);
+    let r = sepo(&args);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    v.as_array()
-        .unwrap()
+    v.as_array().unwrap().clone()
+}
+
+/// `sepo status --json` as (stage, state, hash) triples.
+pub fn status(p: &str) -> Vec<(String, String, String)> {
+    status_json(p, &[])
         .iter()
         .map(|s| {
             (
