@@ -74,21 +74,6 @@ pub fn verify(out: &mut dyn Write, plan: &Plan) -> Result<usize> {
     Ok(bad)
 }
 
-/// Refuses to read an artifact that no longer matches its manifest.
-pub fn check_intact(plan: &Plan, stage: &str) -> Result<()> {
-    let s = plan.get(stage)?;
-    let m = plan.store.manifest(s.kind.kind, &s.hash)?;
-    let problems = plan.store.check(s.kind.kind, &s.hash, &m)?;
-    if !problems.is_empty() {
-        user_bail!(
-            "artifact of stage `{stage}` is damaged: {}. Rebuild it with `sepo run {} --from {stage}`",
-            problems.join("; "),
-            plan.pipeline.file.display()
-        );
-    }
-    Ok(())
-}
-
 /// The `model/` folder of a fresh model or train stage.
 pub fn model_dir(plan: &Plan, stage: &str) -> Result<PathBuf> {
     let s = plan.get(stage)?;
@@ -104,7 +89,8 @@ pub fn model_dir(plan: &Plan, stage: &str) -> Result<PathBuf> {
             plan.pipeline.file.display()
         );
     }
-    check_intact(plan, stage)?;
+    // Refuses to hand out a folder that no longer matches its manifest.
+    plan.intact_manifest(stage)?;
     Ok(
         crate::artifacts::model::ModelDir::in_artifact(&plan.artifact_dir(s))
             .path()
@@ -136,8 +122,7 @@ pub fn show(out: &mut dyn Write, plan: &Plan, stage: &str, view: View) -> Result
         writeln!(out, "{}", dir.display())?;
         return Ok(());
     };
-    check_intact(plan, stage)?;
-    let manifest = plan.store.manifest(s.kind.kind, &s.hash)?;
+    let manifest = plan.intact_manifest(stage)?;
     let Some(main) = manifest.files.iter().find(|f| f.path.ends_with(".parquet")) else {
         if json {
             writeln!(

@@ -13,7 +13,7 @@ use super::graph::Graph;
 use super::hash::{FileHasher, HashInput, stage_hash};
 use super::spec::{InputRef, Pipeline};
 use super::stage::{Artifact, BuildContext, Registry, RunContext, Stage, StageKind};
-use super::store::{BuildSpec, FileEntry, Store};
+use super::store::{BuildSpec, FileEntry, Manifest, Store};
 use crate::error::{clip, user};
 use crate::progress::Progress;
 use crate::user_bail;
@@ -182,6 +182,22 @@ impl Plan {
                     suggest(name, &names)
                 ))
             })
+    }
+
+    /// A built stage's manifest, once its artifact passed the cheap integrity check (sizes
+    /// always, content when a file changed since it was last seen intact): nothing sepo reads
+    /// from the cache is read damaged. Damage is a user error naming the file and the fix.
+    pub fn intact_manifest(&self, stage: &str) -> Result<Manifest> {
+        let s = self.get(stage)?;
+        let m = self
+            .store
+            .manifest(s.kind.kind, &s.hash)
+            .map_err(|e| damaged(self, stage, vec![crate::error::render(&e)]))?;
+        let problems = self.store.check(s.kind.kind, &s.hash, &m)?;
+        if !problems.is_empty() {
+            return Err(damaged(self, stage, problems));
+        }
+        Ok(m)
     }
 
     pub fn artifact_dir(&self, p: &Planned) -> PathBuf {
@@ -367,25 +383,28 @@ pub fn run_pipeline(
     progress: &Progress,
     out: &mut dyn std::io::Write,
 ) -> Result<()> {
+    let t0 = Instant::now();
     if !opts.dry_run {
-        check_device(plan, opts)?;
+        // What will run, planned once: the device check and the staleness log both read it.
+        let preview = run(
+            plan,
+            &RunOptions {
+                dry_run: true,
+                ..opts.clone()
+            },
+            &Progress::new(true),
+        )?;
+        check_device(plan, &preview, &opts.device)?;
         plan.store.prepare()?;
         // Only so that `gc` from another pipeline keeps this one's artifacts: a cache that
         // cannot record it still builds.
         if let Err(e) = super::gc::register(plan, loaded_with.0, loaded_with.1) {
             progress.log(format!("warning: {}", crate::error::render(&e)));
         }
-    }
-    let t0 = Instant::now();
-    if !opts.dry_run {
         let last = super::why::last_built(plan);
-        let preview = RunOptions {
-            dry_run: true,
-            ..opts.clone()
-        };
-        for (name, action) in run(plan, &preview, &Progress::new(true))? {
-            let s = plan.get(&name)?;
-            if action == "run" && !s.fresh {
+        for (name, action) in &preview {
+            let s = plan.get(name)?;
+            if *action == "run" && !s.fresh {
                 let why = super::why::why(plan, s, &last).join("; ");
                 progress.log(format!("  stale  {name}: {why}"));
             }
@@ -419,19 +438,14 @@ pub fn run_pipeline(
 /// Refuses a device that is unknown or absent, but only when a stage that would run computes on
 /// it ([`StageKind::uses_device`]): a data-only pipeline runs whatever `device:` says. Checked
 /// before anything runs, so a bad device never fails a run halfway.
-pub fn check_device(plan: &Plan, opts: &RunOptions) -> Result<()> {
-    let preview = RunOptions {
-        dry_run: true,
-        ..opts.clone()
-    };
-    let report = run(plan, &preview, &Progress::new(true))?;
+pub fn check_device(plan: &Plan, report: &RunReport, device: &str) -> Result<()> {
     let user = report
         .iter()
         .filter(|(_, action)| *action == "run")
         .filter_map(|(name, _)| plan.get(name).ok())
         .find(|s| s.kind.uses_device);
     if let Some(s) = user {
-        crate::device::parse_device(&opts.device).map_err(|e| {
+        crate::device::parse_device(device).map_err(|e| {
             crate::error::user(format!(
                 "{e} (stage `{}` ({}) would run on it; pick another with `device:` or --device)",
                 clip(&s.name),
@@ -499,19 +513,12 @@ fn build_stage(
 /// The stage's input artifacts by role, each checked before it is read: never build on a
 /// damaged input (sizes always, content when a file changed since it was last seen intact).
 fn input_artifacts(plan: &Plan, p: &Planned) -> Result<BTreeMap<String, Vec<Artifact>>> {
-    let store = &plan.store;
     let mut inputs: BTreeMap<String, Vec<Artifact>> = BTreeMap::new();
     for (role, ups) in &p.inputs {
         let mut arts = Vec::new();
         for u in ups {
             let up = plan.get(u)?;
-            let manifest = store
-                .manifest(up.kind.kind, &up.hash)
-                .map_err(|e| damaged(plan, u, vec![crate::error::render(&e)]))?;
-            let problems = store.check(up.kind.kind, &up.hash, &manifest)?;
-            if !problems.is_empty() {
-                return Err(damaged(plan, u, problems));
-            }
+            let manifest = plan.intact_manifest(u)?;
             arts.push(Artifact {
                 stage: u.clone(),
                 kind: up.kind.kind.to_string(),
@@ -543,7 +550,7 @@ fn panic_error(plan: &Plan, p: &Planned, payload: &(dyn std::any::Any + Send)) -
 /// The error for an input artifact that no longer matches its manifest, with the way out.
 fn damaged(plan: &Plan, stage: &str, problems: Vec<String>) -> anyhow::Error {
     user(format!(
-        "input artifact of stage `{stage}` is damaged: {}. The cache was changed outside sepo; \
+        "artifact of stage `{stage}` is damaged: {}. The cache was changed outside sepo; \
          rebuild it with `sepo run {} --from {stage}` (or delete its folder)",
         problems.join("; "),
         plan.pipeline.file.display()

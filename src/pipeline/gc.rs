@@ -8,7 +8,7 @@
 //! out of the live tree (one atomic step, like a commit), so a kill mid-delete leaves either the
 //! whole artifact or none of it; what a killed gc or build left in `tmp/` is collected next time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -316,13 +316,8 @@ pub fn collect(plan: &Plan, dry_run: bool, out: &mut dyn Write) -> Result<GcRepo
             if dry_run {
                 writeln!(out, "would delete {}", path.display())?;
             } else {
+                // Its lock file goes when `_lock` drops; its integrity record in the sweep below.
                 remove_tree(&store, &path, &format!("{kind}.{hash}"))?;
-                let _ = std::fs::remove_file(
-                    root.join(".state")
-                        .join("verified")
-                        .join(format!("{kind}.{hash}.json")),
-                );
-                let _ = std::fs::remove_file(store.lock_path(&hash));
                 writeln!(out, "deleted {}", path.display())?;
             }
             report.deleted.push((path, size));
@@ -377,14 +372,14 @@ fn collect_tmp(
         .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
         .collect();
     entries.sort();
-    let mut locks: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut locks: BTreeSet<String> = BTreeSet::new();
     for (name, path) in entries {
         let t = entry_type(&path);
         if let Some(h) = name.strip_suffix(".lock")
             && is_hash_name(h)
             && t == Some(EntryType::File)
         {
-            locks.insert(h.to_string(), path);
+            locks.insert(h.to_string());
             continue;
         }
         // `gc.<pid>.<kind>.<hash>`: a folder a killed gc had already taken out of the tree.
@@ -446,13 +441,11 @@ fn collect_tmp(
         }
         report.deleted.push((path, size));
     }
-    // Lock files of hashes nothing is building; a work folder kept above keeps its lock file.
-    for (hash, path) in locks {
-        if dry_run || entry_type(&store.work_dir(&hash)).is_some() {
-            continue;
-        }
-        if let Some(_lock) = store.try_lock(&hash)? {
-            let _ = std::fs::remove_file(&path);
+    // Lock files of hashes nothing is building: taking and releasing such a lock removes its
+    // file (`StageLock`'s drop); a held one is left to its owner.
+    if !dry_run {
+        for hash in &locks {
+            drop(store.try_lock(hash)?);
         }
     }
     // Integrity records of artifacts that are gone.
