@@ -13,7 +13,9 @@ use crate::inspect::View;
 use crate::pipeline::executor::{self, Plan, RunOptions};
 use crate::pipeline::{Pipeline, dag, gc};
 use crate::progress::Progress;
-use crate::user_bail;
+
+mod compare;
+mod generate;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,7 +36,9 @@ pub struct PipelineArgs {
     /// Artifact store (overrides the YAML's `cache`).
     #[arg(long, global = true)]
     pub cache: Option<PathBuf>,
-    /// Override a stage parameter, as if written in the YAML: STAGE.KEY=VALUE (repeatable).
+    /// Override a stage parameter, as if written in the YAML: STAGE.KEY=VALUE (repeatable). A
+    /// matrix stage's name sets every instance; `NAME@K=V.KEY=VALUE` one instance;
+    /// `NAME.matrix.K=[...]` the values swept.
     #[arg(long = "set", value_name = "STAGE.KEY=VALUE", global = true)]
     pub set: Vec<String>,
     /// No progress or logs on stderr.
@@ -60,7 +64,9 @@ pub enum Command {
     /// Copy a model stage's weights out as a Hugging Face model folder.
     Export(ExportArgs),
     /// Continue a prompt with a model stage (or any Hugging Face folder given with --model).
-    Generate(GenerateArgs),
+    Generate(generate::GenerateArgs),
+    /// Every built evaluate report in one table: mean ± std over seeds per method and metric.
+    Compare(compare::CompareArgs),
     /// Print the JSON Schema of pipeline files (schemas/pipeline.schema.json is its output).
     Schema,
 }
@@ -109,6 +115,9 @@ pub struct ShowArgs {
     path: bool,
     #[arg(long)]
     json: bool,
+    /// Write the key-token view of a select (or score) stage as a self-contained HTML page.
+    #[arg(long, value_name = "OUT.html", conflicts_with = "path")]
+    html: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -142,36 +151,6 @@ pub struct ExportArgs {
     out: PathBuf,
 }
 
-#[derive(Args, Debug)]
-pub struct GenerateArgs {
-    /// `P.yaml STAGE`, or nothing with --model.
-    #[arg(num_args = 0..=2, value_names = ["P.yaml", "STAGE"])]
-    target: Vec<String>,
-    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, conflicts_with = "target")]
-    model: Option<PathBuf>,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    /// 0 (the default) is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long)]
-    device: Option<String>,
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
-    set: Vec<String>,
-    /// No notes on stderr (e.g. that --max-new-tokens was lowered to fit the context).
-    #[arg(long, short)]
-    quiet: bool,
-}
-
 /// Entry point: runs the command and maps errors to exit status 2 (bad input) or 1 (failure).
 /// A reader that closes stdout early (`sepo dag P.yaml | head -1`) ends the command quietly
 /// with status 0, as ripgrep does: the reader has what it wanted.
@@ -199,7 +178,8 @@ fn dispatch(cli: Cli, out: &mut dyn Write) -> Result<i32> {
         Command::Gc(a) => gc(a, out),
         Command::Verify(a) => verify(a, out),
         Command::Export(a) => export(a, out),
-        Command::Generate(a) => generate(a, out),
+        Command::Generate(a) => generate::run(a, out),
+        Command::Compare(a) => compare::run(a, out),
         Command::Schema => crate::schema::write(out).map(|()| 0),
     }
 }
@@ -230,14 +210,8 @@ fn status(a: StatusArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn show(a: ShowArgs, out: &mut dyn Write) -> Result<i32> {
-    let (rows, json) = (a.rows, a.json);
-    let view = if a.path {
-        View::Path
-    } else {
-        View::Preview { rows, json }
-    };
-    crate::inspect::show(out, &plan(&a.p)?, &a.stage, view)?;
-    Ok(0)
+    let view = View::of(a.path, a.html, a.rows, a.json);
+    crate::inspect::show(out, &plan(&a.p)?, &a.stage, view).map(|()| 0)
 }
 
 fn dag(a: DagArgs, out: &mut dyn Write) -> Result<i32> {
@@ -269,31 +243,5 @@ fn export(a: ExportArgs, out: &mut dyn Write) -> Result<i32> {
     writeln!(out, "{}", a.out.display())?;
     let (stage, dest, names) = (&a.stage, a.out.display(), names.join(", "));
     Progress::new(a.p.quiet).log(format!("exported `{stage}` ({names}) to {dest}"));
-    Ok(0)
-}
-
-fn generate(a: GenerateArgs, out: &mut dyn Write) -> Result<i32> {
-    // Before anything is loaded: bad sampling settings are the cheapest error to give.
-    crate::model::generate::check_sampling_flags(a.temperature, a.top_p)?;
-    let (dir, device) = match (a.model, a.target.as_slice()) {
-        (Some(m), []) => (m, a.device.unwrap_or_else(|| "auto".into())),
-        (None, [pfile, stage]) => {
-            let pipeline = Pipeline::load_with(pfile.as_ref(), a.cache.as_deref(), &a.set)?;
-            let plan = Plan::new(pipeline, &crate::stages::REGISTRY)?;
-            let device = a.device.unwrap_or_else(|| plan.pipeline.device.clone());
-            (crate::inspect::model_dir(&plan, stage)?, device)
-        }
-        _ => user_bail!("give `P.yaml STAGE` or `--model DIR`"),
-    };
-    let opts = crate::model::GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-        eos_token_id: None,
-    };
-    let progress = Progress::new(a.quiet);
-    let text = crate::model::generate::generate_text(&dir, &device, &a.prompt, opts, &progress)?;
-    writeln!(out, "{text}")?;
     Ok(0)
 }

@@ -43,8 +43,9 @@ pub fn export(plan: &Plan, stage: &str, out: &Path) -> Result<Vec<String>> {
 }
 
 /// `p` as an absolute path with symbolic links resolved as far as it exists, so that two
-/// spellings of one folder compare equal.
-fn real_path(p: &Path) -> PathBuf {
+/// spellings of one folder compare equal (also how `sepo show --html` keeps its page out of the
+/// cache).
+pub fn real_path(p: &Path) -> PathBuf {
     let abs = crate::pipeline::spec::normalize(&if p.is_absolute() {
         p.to_path_buf()
     } else {

@@ -1,6 +1,7 @@
 //! Reading a plan and its built artifacts back for the user: `sepo status` and `sepo verify`, `sepo
-//! show`'s schema, row count and first rows, and the `model/` folder of a model stage for `export`
-//! and `generate`. Reading an artifact refuses one that no longer matches its manifest.
+//! show`'s schema, row count and first rows (or, with `--html`, the key-token view of
+//! [`crate::keyview`]), and the `model/` folder of a model stage for `export` and `generate`.
+//! Reading an artifact refuses one that no longer matches its manifest.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -105,10 +106,28 @@ pub enum View {
     /// Its main Parquet file: schema, row count and first `rows` rows (or, for an artifact
     /// without one, its files and sizes), as text or JSON.
     Preview { rows: usize, json: bool },
+    /// The key-token view of a select or score stage, written as an HTML page to this file.
+    Html(PathBuf),
+}
+
+impl View {
+    /// The view `sepo show`'s flags ask for: `--path`, else `--html OUT`, else a preview.
+    pub fn of(path: bool, html: Option<PathBuf>, rows: usize, json: bool) -> View {
+        match (path, html) {
+            (true, _) => View::Path,
+            (false, Some(file)) => View::Html(file),
+            (false, None) => View::Preview { rows, json },
+        }
+    }
 }
 
 /// `sepo show`: the artifact of `stage`'s current hash, which must exist.
 pub fn show(out: &mut dyn Write, plan: &Plan, stage: &str, view: View) -> Result<()> {
+    if let View::Html(file) = &view {
+        crate::keyview::write_page(plan, stage, file)?;
+        writeln!(out, "{}", file.display())?;
+        return Ok(());
+    }
     let s = plan.get(stage)?;
     if !s.fresh {
         user_bail!(

@@ -3,14 +3,18 @@
 
 pub mod artifacts;
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod inspect;
+pub mod keyview;
 pub mod logprobs;
 pub mod model;
 pub mod pipeline;
+pub mod plot;
 pub mod progress;
 pub mod schema;
 pub mod stages;

@@ -35,12 +35,57 @@ impl Logprobs {
 
 /// Log-probs of `model` (a model or train artifact) on `data`, computed once per pair of hashes.
 pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -> Result<Logprobs> {
-    let key = format!("logprobs:{VERSION}:{}:{}", model.hash, data.hash);
-    let hash = blake3::hash(key.as_bytes()).to_hex()[..HASH_HEX_LEN].to_string();
+    ensure_rows(ctx, model, data, role, None)
+}
+
+/// Log-probs of `model` on the `test` rows of `data` only (in file order), for evaluation: when
+/// the log-probs of every row are already cached (the reference's usually are) they are read from
+/// there; else only the test rows are computed, and cached on their own.
+pub fn ensure_test(
+    ctx: &RunContext,
+    model: &Artifact,
+    data: &Artifact,
+    role: &str,
+) -> Result<Logprobs> {
+    if ctx.store.is_fresh("logprobs", &key_hash(model, data, None)) {
+        let all = ensure_rows(ctx, model, data, role, None)?;
+        let rows = Tokens::open(data)?.rows()?;
+        let keep: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].split == "test")
+            .collect();
+        return Ok(Logprobs {
+            ids: keep.iter().map(|&i| all.ids[i].clone()).collect(),
+            chosen: keep.iter().map(|&i| all.chosen[i].clone()).collect(),
+            rejected: keep.iter().map(|&i| all.rejected[i].clone()).collect(),
+        });
+    }
+    ensure_rows(ctx, model, data, role, Some("test"))
+}
+
+fn key_hash(model: &Artifact, data: &Artifact, split: Option<&str>) -> String {
+    let key = match split {
+        None => format!("logprobs:{VERSION}:{}:{}", model.hash, data.hash),
+        Some(s) => format!("logprobs:{VERSION}:{}:{}:{s}", model.hash, data.hash),
+    };
+    blake3::hash(key.as_bytes()).to_hex()[..HASH_HEX_LEN].to_string()
+}
+
+fn ensure_rows(
+    ctx: &RunContext,
+    model: &Artifact,
+    data: &Artifact,
+    role: &str,
+    split: Option<&str>,
+) -> Result<Logprobs> {
+    let hash = key_hash(model, data, split);
+    // Only hashes in `inputs`: gc keeps a derived artifact while every input hash is kept.
     let inputs = json!({"model": model.hash, "data": data.hash});
     let was_fresh = ctx.store.is_fresh("logprobs", &hash);
     let dir = ctx.store.derived("logprobs", &hash, inputs, |out| {
-        let rows = Tokens::open(data)?.rows()?;
+        let mut rows = Tokens::open(data)?.rows()?;
+        if let Some(s) = split {
+            rows.retain(|r| r.split == s);
+        }
         let device = crate::device::parse_device(ctx.device).map_err(|e| crate::error::user(e.to_string()))?;
         let lm = ModelDir::of(model).load(&device)?;
         let t0 = std::time::Instant::now();
@@ -55,7 +100,7 @@ pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -
             tokens as f64 / secs.max(1e-9)
         ));
         write(&lp, &out.join(FILE))?;
-        Ok(json!({"pairs": rows.len(), "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9)}))
+        Ok(json!({"pairs": rows.len(), "split": split.unwrap_or("all"), "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9)}))
     })?;
     if was_fresh {
         ctx.progress.log(format!(

@@ -105,12 +105,25 @@ fn stage_schema(kind: &StageKind, generator: &mut SchemaGenerator) -> Value {
             required.push(json!("inputs"));
         }
     }
-    if let Some(Value::Object(p)) = params.get("properties") {
-        properties.extend(p.clone());
-    }
-    if let Some(Value::Array(r)) = params.get("required") {
-        required.extend(r.iter().cloned());
-    }
+    let param_schemas = match params.get("properties") {
+        Some(Value::Object(p)) => p.clone(),
+        _ => Map::new(),
+    };
+    properties.extend(param_schemas.clone());
+    properties.insert("matrix".into(), matrix_schema(&param_schemas));
+    // A required parameter may be swept instead of written (`matrix: {objective: [dpo, ipo]}`).
+    let either: Vec<Value> = match params.get("required") {
+        Some(Value::Array(r)) => r
+            .iter()
+            .map(|p| {
+                json!({"anyOf": [
+                    {"required": [p]},
+                    {"required": ["matrix"], "properties": {"matrix": {"required": [p]}}},
+                ]})
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut out = Map::new();
     out.insert("type".into(), json!("object"));
     if let Some(d) = params.get("description") {
@@ -118,8 +131,37 @@ fn stage_schema(kind: &StageKind, generator: &mut SchemaGenerator) -> Value {
     }
     out.insert("additionalProperties".into(), json!(false));
     out.insert("required".into(), Value::Array(required));
+    if !either.is_empty() {
+        out.insert("allOf".into(), Value::Array(either));
+    }
     out.insert("properties".into(), Value::Object(properties));
     Value::Object(out)
+}
+
+/// `matrix`: any parameter of the kind as a list of the values it may take, to expand the stage
+/// into one stage per combination (see SPEC.md). A key written both as a parameter and in the
+/// matrix is refused by sepo, not here: JSON Schema cannot say it without listing every pair.
+fn matrix_schema(params: &Map<String, Value>) -> Value {
+    let properties: Map<String, Value> = params
+        .iter()
+        .map(|(key, schema)| {
+            let mut item = schema.clone();
+            if let Value::Object(m) = &mut item {
+                m.remove("default");
+                m.remove("description");
+            }
+            let axis = json!({"type": "array", "minItems": 1, "uniqueItems": true, "items": item});
+            (key.clone(), axis)
+        })
+        .collect();
+    json!({
+        "type": "object",
+        "description": "Parameters to sweep: the stage becomes one stage per combination of \
+            these values (the first key varies slowest), named `NAME@KEY=VALUE,...`. Stages that \
+            read one instance become matrices too; a role that takes a list gets every instance.",
+        "additionalProperties": false,
+        "properties": properties,
+    })
 }
 
 /// The `inputs` mapping: one property per role, each an upstream stage name (or a list of them

@@ -36,12 +36,16 @@ fn ultrafeedback_pipeline_hashes_are_pinned() {
             ("tok", "18be5d55e42cf5fd5781"),
             ("tokens", "cf82b7b481b3125c55d7"),
             ("base", "25a2a23398edaac016e9"),
-            ("ref", "0917ebbfd62f1c72137e"),
-            ("oracle", "959109ae4a6624e08518"),
-            ("scores", "9aec95bd7d51459be0f9"),
-            ("keys", "87820011a9df2d2e91f6"),
-            ("policy", "a2472cd06986f0155ddc"),
-            ("dpo", "a10311cb2b7cb1fcafd2"),
+            ("ref", "2043faae24975c344682"),
+            ("oracle", "26b9221f2f03a49be670"),
+            ("scores", "d2169c5ffad1a2061a83"),
+            ("keys", "ca5b1e709b3e740421b7"),
+            ("policy", "143d1163a300e1b691a4"),
+            ("dpo", "5117b298c1c41da20a29"),
+            ("ipo", "0b86daec5c2c911c5168"),
+            ("simpo", "fc64a28a24695b998d40"),
+            ("judge", "b06e6b54334767b7da95"),
+            ("report", "475628e52f7f4f83e4d3"),
         ])
     );
 }

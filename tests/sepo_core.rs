@@ -130,7 +130,11 @@ fn scores_masks_and_first_losses_match_transformers() {
             close(loss, want, 1e-5),
             "{stage}: loss {loss} vs transformers {want}"
         );
-        assert!(artifact(&p, stage).join("loss.png").is_file());
+        let svg = std::fs::read_to_string(artifact(&p, stage).join("loss.svg")).unwrap();
+        assert!(
+            roxmltree::Document::parse(&svg).is_ok(),
+            "{stage}: loss.svg"
+        );
     }
     let path = artifact(&p, "dpo0").join("metrics.parquet");
     let df = pq::read(&path).unwrap();

@@ -8,12 +8,14 @@
 //! | `tokenizer` | `tokenizer.json`, `tokenizer_config.json` | [`tokenizer_of`] ([`HfTokenizer`]) |
 //! | `tokenize` | `tokens.parquet` | [`Tokens`] |
 //! | `model` | `model/` (a Hugging Face folder) | [`ModelDir`] (and [`tokenizer_of`]) |
-//! | `train` | `model/`, `metrics.parquet`, `loss.png` | [`ModelDir`] (and [`tokenizer_of`]) |
+//! | `train` | `model/`, `metrics.parquet`, `loss.svg` | [`ModelDir`] (and [`tokenizer_of`]) |
 //! | `score` | `scores.parquet` (the token columns too) | [`Scores`], [`Tokens`] |
 //! | `select` | `selection.parquet` (the token columns too) | [`Selection`], [`Tokens`] |
+//! | `evaluate` | `report.parquet`, `report.md`, `report.html`, `generations/` | [`Report`] |
 
 pub mod model;
 pub mod pairs;
+pub mod report;
 pub mod tokens;
 
 use anyhow::Result;
@@ -23,6 +25,7 @@ pub use crate::tokenizer::HfTokenizer;
 use crate::tokenizer::{TOKENIZER_CONFIG, TOKENIZER_JSON};
 pub use model::ModelDir;
 pub use pairs::{Pair, Pairs};
+pub use report::{Report, ReportRow};
 pub use tokens::{Scores, Selection, TokenRow, Tokens};
 
 /// What an artifact of each stage kind holds besides its manifest: files, and `model/` for the
@@ -36,6 +39,12 @@ pub fn outputs(kind: &str) -> &'static [&'static str] {
         "train" => &[ModelDir::DIR, model::METRICS_FILE, model::LOSS_PLOT],
         "score" => &[Scores::FILE],
         "select" => &[Selection::FILE],
+        "evaluate" => &[
+            Report::FILE,
+            Report::MARKDOWN,
+            Report::HTML,
+            Report::GENERATIONS,
+        ],
         _ => &[],
     }
 }

@@ -9,13 +9,13 @@ use serde_json::Value;
 use super::{Artifact, HfTokenizer};
 use crate::error::user;
 use crate::model::safetensors_io::WeightSource;
-use crate::model::{CONFIG_FILE, CausalLm};
+use crate::model::{CONFIG_FILE, CausalLm, RewardModel};
 use crate::user_bail;
 
 /// Beside its model, a `train` artifact holds its per-step metrics (Parquet) ...
 pub const METRICS_FILE: &str = "metrics.parquet";
 /// ... and their plot.
-pub const LOSS_PLOT: &str = "loss.png";
+pub const LOSS_PLOT: &str = "loss.svg";
 
 /// A Hugging Face model folder: the `model/` of a `model` or `train` artifact, or one the user
 /// has.
@@ -83,6 +83,17 @@ impl ModelDir {
     /// Writes `model` (config.json and weights) here, creating the folder.
     pub fn save(&self, model: &CausalLm) -> Result<()> {
         model.save(&self.dir)
+    }
+
+    /// Whether the folder holds a reward model (`*ForSequenceClassification`) rather than a
+    /// causal LM ([`crate::model::is_reward_model`]).
+    pub fn is_reward_model(&self) -> Result<bool> {
+        crate::model::is_reward_model(&self.dir)
+    }
+
+    /// Loads the reward model onto `device`.
+    pub fn load_reward(&self, device: &burn::tensor::Device) -> Result<RewardModel> {
+        RewardModel::load(&self.dir, device)
     }
 
     /// Whether the folder has a tokenizer.json.

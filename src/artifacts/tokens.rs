@@ -96,9 +96,13 @@ impl Scores {
     /// The file a `score` artifact holds.
     pub const FILE: &'static str = "scores.parquet";
 
-    /// Reads a `score` artifact.
+    /// Reads the scores of a `score` artifact, or of a `select` artifact (which carries them).
     pub fn open(a: &Artifact) -> Result<Scores> {
-        let path = a.dir.join(Self::FILE);
+        let file = match a.kind.as_str() {
+            "select" => Selection::FILE,
+            _ => Self::FILE,
+        };
+        let path = a.dir.join(file);
         let df = pq::read(&path)?;
         Ok(Scores { path, df })
     }

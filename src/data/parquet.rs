@@ -131,6 +131,16 @@ impl Reader<'_> {
             .collect())
     }
 
+    pub fn i64s(&self, name: &str) -> Result<Vec<i64>> {
+        Ok(self
+            .col(name)?
+            .cast(&DataType::Int64)?
+            .i64()?
+            .iter()
+            .map(|x| x.unwrap_or(0))
+            .collect())
+    }
+
     pub fn bools(&self, name: &str) -> Result<Vec<bool>> {
         Ok(self
             .col(name)?

@@ -55,6 +55,11 @@ impl Architecture {
         self.family().hf_class
     }
 
+    /// The transformers class of a reward model (a score head instead of the LM head).
+    pub fn reward_class(self) -> &'static str {
+        self.family().reward_class
+    }
+
     /// Parses a `model_type` / `architecture` string.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|a| {
@@ -74,6 +79,8 @@ pub struct Family {
     pub aliases: &'static [&'static str],
     /// The transformers class written to `architectures`.
     pub hf_class: &'static str,
+    /// The `*ForSequenceClassification` class of the family's reward models.
+    pub reward_class: &'static str,
     /// RMSNorm (`rms_norm_eps`, no bias) rather than LayerNorm (`layer_norm_eps`, with bias).
     pub rms_norm: bool,
     /// Default `hidden_act`.
@@ -157,6 +164,7 @@ const LLAMA: Family = Family {
     model_type: "llama",
     aliases: &[],
     hf_class: "LlamaForCausalLM",
+    reward_class: "LlamaForSequenceClassification",
     rms_norm: true,
     hidden_act: "silu",
     partial_rotary_factor: 1.0,
@@ -186,6 +194,7 @@ const LLAMA: Family = Family {
         mlp_out: "down_proj",
         final_norm: "norm",
         lm_head: "lm_head",
+        score: "score",
         ignorable: &[".rotary_emb.inv_freq"],
     },
 };
@@ -193,6 +202,7 @@ const LLAMA: Family = Family {
 const MISTRAL: Family = Family {
     model_type: "mistral",
     hf_class: "MistralForCausalLM",
+    reward_class: "MistralForSequenceClassification",
     sliding_window: SlidingWindow::Always,
     ..LLAMA
 };
@@ -200,6 +210,7 @@ const MISTRAL: Family = Family {
 const QWEN2: Family = Family {
     model_type: "qwen2",
     hf_class: "Qwen2ForCausalLM",
+    reward_class: "Qwen2ForSequenceClassification",
     qkv_bias: Some(true),
     o_bias: Some(false),
     sliding_window: SlidingWindow::WhenEnabled,
@@ -211,6 +222,7 @@ const GPT_NEOX: Family = Family {
     model_type: "gpt_neox",
     aliases: &["gpt-neox"],
     hf_class: "GPTNeoXForCausalLM",
+    reward_class: "GPTNeoXForSequenceClassification",
     rms_norm: false,
     hidden_act: "gelu",
     partial_rotary_factor: 0.25,
@@ -237,6 +249,7 @@ const GPT_NEOX: Family = Family {
         mlp_out: "dense_4h_to_h",
         final_norm: "final_layer_norm",
         lm_head: "embed_out",
+        score: "score",
         // Older Pythia checkpoints carry the causal mask and rotary cache as buffers.
         ignorable: &[
             ".attention.bias",

@@ -82,6 +82,9 @@ pub struct WeightTable {
     pub final_norm: &'static str,
     /// The output projection `[vocab, hidden]`, at the top level.
     pub lm_head: &'static str,
+    /// A reward model's (`*ForSequenceClassification`) score projection `[num_labels, hidden]`,
+    /// no bias, at the top level, in place of `lm_head`.
+    pub score: &'static str,
     /// Suffixes of buffers checkpoints may carry that are recomputed, not loaded.
     pub ignorable: &'static [&'static str],
 }
@@ -188,6 +191,27 @@ pub struct BlockLayout {
     pub mlp_out: LinearLayout,
 }
 
+/// What sits on the final norm: a causal LM's output projection or a reward model's score.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Head {
+    /// Output projection, stored `[vocab, hidden]` (the decoder keeps `[hidden, vocab]`); not
+    /// read when the embeddings are tied (some exports keep a copy of the tied matrix).
+    LmHead {
+        /// `lm_head.weight` (`embed_out.weight`).
+        name: String,
+        /// `tie_word_embeddings`.
+        tied: bool,
+    },
+    /// transformers' `*ForSequenceClassification` head: `score.weight` `[num_labels, hidden]`,
+    /// no bias; the model has no LM head at all (transformers saves none).
+    Score {
+        /// `score.weight`.
+        name: String,
+        /// Output rows.
+        num_labels: usize,
+    },
+}
+
 /// Every tensor of a model's checkpoint, with its shape, for one config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -197,11 +221,8 @@ pub struct Layout {
     pub blocks: Vec<BlockLayout>,
     /// Final norm.
     pub final_norm: NormLayout,
-    /// Output projection, stored `[vocab, hidden]` (the decoder keeps `[hidden, vocab]`); not
-    /// read when the embeddings are tied (some exports keep a copy of the tied matrix).
-    pub lm_head: String,
-    /// `tie_word_embeddings`.
-    pub tied: bool,
+    /// The head.
+    pub head: Head,
     /// `[vocab, hidden]`.
     pub vocab_hidden: [usize; 2],
     ignorable: &'static [&'static str],
@@ -277,10 +298,25 @@ impl Layout {
             embed: body.pp(t.embed).weight(),
             blocks,
             final_norm: norm(body.pp(t.final_norm)),
-            lm_head: VarPath::root().pp(t.lm_head).weight(),
-            tied: c.tie_word_embeddings,
+            head: Head::LmHead {
+                name: VarPath::root().pp(t.lm_head).weight(),
+                tied: c.tie_word_embeddings,
+            },
             vocab_hidden: [c.vocab_size, h],
             ignorable: t.ignorable,
+        }
+    }
+
+    /// The layout of the family's reward model (`*ForSequenceClassification`): the same body,
+    /// with a `score` head of `num_labels` rows in place of the LM head.
+    pub fn reward(c: &ModelConfig, num_labels: usize) -> Self {
+        let score = c.architecture.family().weights.score;
+        Layout {
+            head: Head::Score {
+                name: VarPath::root().pp(score).weight(),
+                num_labels,
+            },
+            ..Layout::new(c)
         }
     }
 
@@ -308,8 +344,14 @@ impl Layout {
             }
         }
         norm(&self.final_norm, &mut out);
-        if !self.tied {
-            out.push((self.lm_head.clone(), self.vocab_hidden.to_vec()));
+        match &self.head {
+            Head::LmHead { name, tied: false } => {
+                out.push((name.clone(), self.vocab_hidden.to_vec()))
+            }
+            Head::LmHead { tied: true, .. } => {}
+            Head::Score { name, num_labels } => {
+                out.push((name.clone(), vec![*num_labels, self.vocab_hidden[1]]))
+            }
         }
         out
     }
@@ -427,7 +469,16 @@ mod tests {
         let neox = Layout::new(&config(Architecture::GptNeox));
         assert_eq!(neox.embed, "gpt_neox.embed_in.weight");
         assert_eq!(neox.final_norm.weight, "gpt_neox.final_layer_norm.weight");
-        assert_eq!(neox.lm_head, "embed_out.weight");
+        assert_eq!(
+            neox.head,
+            Head::LmHead {
+                name: "embed_out.weight".into(),
+                tied: false
+            }
+        );
+        let reward = Layout::reward(&config(Architecture::GptNeox), 1);
+        let last = reward.tensors().pop().unwrap();
+        assert_eq!(last, ("score.weight".to_string(), vec![1, 8]));
         assert!(neox.ignorable("gpt_neox.layers.1.attention.masked_bias"));
         assert!(!neox.ignorable("gpt_neox.layers.1.attention.dense.bias"));
     }

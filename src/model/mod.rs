@@ -9,6 +9,7 @@ pub mod arch;
 pub mod config;
 pub mod generate;
 pub mod layout;
+pub mod reward;
 pub mod rope;
 pub mod safetensors_io;
 pub mod size;
@@ -28,6 +29,7 @@ pub use arch::Architecture;
 pub use config::{ModelConfig, TokenIds};
 pub use generate::{GenerateOptions, Sampler};
 pub use layout::{Layout, VarPath};
+pub use reward::{RewardModel, ScoreBatch, is_reward_model};
 pub use rope::RopeScaling;
 pub use safetensors_io::HostTensor;
 pub use transformer::{Decoder, KvCache};
@@ -55,6 +57,7 @@ impl CausalLm {
     /// computed with in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = ModelConfig::from_hf_file(&dir.join(CONFIG_FILE))?;
+        reward::refuse_reward_folder(dir, &config)?;
         let mut files = safetensors_io::WeightFiles::open(dir)?;
         let decoder = weights::load(&config, &mut files, device)
             .with_context(|| format!("loading model {}", dir.display()))?;
@@ -76,17 +79,7 @@ impl CausalLm {
     /// Writes `config.json` and `model.safetensors` (f32, Hugging Face names, sorted, metadata
     /// `{"format":"pt"}`) into `dir`, creating it. Equal weights give equal bytes.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create model folder {}", dir.display()))?;
-        let tensors = self.hf_tensors();
-        let bytes = safetensors_io::serialize_f32(&tensors)?;
-        let path = dir.join("model.safetensors");
-        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
-        let mut cfg = serde_json::to_string_pretty(&self.config.to_hf_json())?;
-        cfg.push('\n');
-        let path = dir.join(CONFIG_FILE);
-        std::fs::write(&path, cfg).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        write_folder(dir, &self.hf_tensors(), &self.config.to_hf_json())
     }
 
     /// The weights as Hugging Face tensors (names and layouts of transformers), in f32.
@@ -271,6 +264,25 @@ impl CausalLm {
     pub fn param_count(&self) -> usize {
         self.num_params()
     }
+}
+
+/// Writes a model folder: `model.safetensors` (f32, sorted, metadata `{"format":"pt"}`) and
+/// `config.json` (pretty, newline-terminated), creating `dir`.
+fn write_folder(
+    dir: &Path,
+    tensors: &[(String, HostTensor)],
+    config: &serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create model folder {}", dir.display()))?;
+    let bytes = safetensors_io::serialize_f32(tensors)?;
+    let path = dir.join("model.safetensors");
+    std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut cfg = serde_json::to_string_pretty(config)?;
+    cfg.push('\n');
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, cfg).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// `log_softmax(logits)[b, t, targets[b, t]]`, computed as

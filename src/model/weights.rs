@@ -1,13 +1,14 @@
-//! The one path between a [`Layout`] and the decoder, for every family: loading Hugging Face
-//! tensors (`[out, in]` linears, separate or interleaved projections) into the decoder's fused
-//! `[in, out]` parameters, exporting them back, and drawing fresh seeded weights.
+//! The one path between a [`Layout`] and the decoder, for every family and both heads (a causal
+//! LM's output projection, a reward model's score): loading Hugging Face tensors (`[out, in]`
+//! linears, separate or interleaved projections) into the decoder's fused `[in, out]`
+//! parameters, exporting them back, and drawing fresh seeded weights.
 
 use anyhow::Result;
 use burn::tensor::Device;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::config::ModelConfig;
-use super::layout::{Layout, LinearLayout, NormLayout};
+use super::layout::{Head, Layout, LinearLayout, NormLayout};
 use super::safetensors_io::{HostTensor, WeightFiles};
 use super::transformer::{Block, Decoder, Linear, Norm, Spec, host, param1, param2};
 
@@ -20,16 +21,24 @@ trait Source {
     fn lm_head(&mut self, name: &str, vocab_hidden: [usize; 2]) -> Result<HostTensor>;
     /// The tied output projection (nothing to read or draw).
     fn tied_lm_head(&mut self, name: &str);
+    /// A reward model's score, stored `[num_labels, hidden]`, in the decoder's
+    /// `[hidden, num_labels]`.
+    fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<HostTensor>;
     /// A decoder linear.
     fn linear(&mut self, l: &LinearLayout) -> Result<Linear>;
     /// A norm.
     fn norm(&mut self, n: &NormLayout) -> Result<Norm>;
 }
 
-fn build(c: &ModelConfig, src: &mut impl Source, device: &Device) -> Result<(Decoder, Layout)> {
+/// The decoder (its `lm_head` `None` for a reward model) and, for a reward model, its score.
+fn build(
+    c: &ModelConfig,
+    layout: &Layout,
+    src: &mut impl Source,
+    device: &Device,
+) -> Result<(Decoder, Option<Linear>)> {
     // Validates the config, so that the layout's sizes are sane.
     let spec = Spec::from_config(c)?;
-    let layout = Layout::new(c);
     let embed = param2(src.embed(&layout.embed, layout.vocab_hidden)?, device);
     let mut blocks = Vec::with_capacity(layout.blocks.len());
     for b in &layout.blocks {
@@ -43,14 +52,19 @@ fn build(c: &ModelConfig, src: &mut impl Source, device: &Device) -> Result<(Dec
         });
     }
     let final_norm = src.norm(&layout.final_norm)?;
-    let lm_head = if layout.tied {
-        src.tied_lm_head(&layout.lm_head);
-        None
-    } else {
-        Some(param2(
-            src.lm_head(&layout.lm_head, layout.vocab_hidden)?,
-            device,
-        ))
+    let (lm_head, score) = match &layout.head {
+        Head::LmHead { name, tied: true } => {
+            src.tied_lm_head(name);
+            (None, None)
+        }
+        Head::LmHead { name, tied: false } => (
+            Some(param2(src.lm_head(name, layout.vocab_hidden)?, device)),
+            None,
+        ),
+        Head::Score { name, num_labels } => {
+            let w = src.score(name, [*num_labels, layout.vocab_hidden[1]])?;
+            (None, Some(Linear::from_host(w, None, device)))
+        }
     };
     let decoder = Decoder {
         embed,
@@ -59,27 +73,70 @@ fn build(c: &ModelConfig, src: &mut impl Source, device: &Device) -> Result<(Dec
         lm_head,
         spec,
     };
-    Ok((decoder, layout))
+    Ok((decoder, score))
 }
 
-/// Loads a decoder from Hugging Face tensors. Every tensor of the layout must be there with its
-/// shape, and no other (recomputed buffers aside); errors name the tensor and the shapes.
+/// Loads a causal LM's decoder from Hugging Face tensors. Every tensor of the layout must be
+/// there with its shape, and no other (recomputed buffers aside); errors name the tensor and
+/// the shapes.
 pub fn load(c: &ModelConfig, files: &mut WeightFiles, device: &Device) -> Result<Decoder> {
-    let (decoder, layout) = build(c, &mut Reader { files, device }, device)?;
+    Ok(load_layout(c, &Layout::new(c), files, device)?.0)
+}
+
+/// Loads a reward model (`*ForSequenceClassification`): its decoder (without LM head) and its
+/// score `[hidden, num_labels]`, by the same rules as [`load`].
+pub fn load_reward(
+    c: &ModelConfig,
+    num_labels: usize,
+    files: &mut WeightFiles,
+    device: &Device,
+) -> Result<(Decoder, Linear)> {
+    let (decoder, score) = load_layout(c, &Layout::reward(c, num_labels), files, device)?;
+    Ok((decoder, score.expect("a reward layout has a score")))
+}
+
+fn load_layout(
+    c: &ModelConfig,
+    layout: &Layout,
+    files: &mut WeightFiles,
+    device: &Device,
+) -> Result<(Decoder, Option<Linear>)> {
+    let built = build(c, layout, &mut Reader { files, device }, device)?;
     files.finish(|name| layout.ignorable(name))?;
-    Ok(decoder)
+    Ok(built)
 }
 
 /// A fresh decoder with weights drawn from `N(0, initializer_range)` seeded by `seed` (norms
 /// one, biases zero), in the order of the layout.
 pub fn init(c: &ModelConfig, device: &Device, seed: u64) -> Result<Decoder> {
     let mut init = Init::new(seed, c.initializer_range, device);
-    Ok(build(c, &mut init, device)?.0)
+    Ok(build(c, &Layout::new(c), &mut init, device)?.0)
 }
 
-/// The Hugging Face tensors of a decoder, in the layout's order.
+/// A fresh reward-model score `[hidden, num_labels]`, drawn as transformers' `_init_weights`
+/// draws a linear (`N(0, initializer_range)`, no bias), seeded by `seed`, host-side (the same
+/// numbers on every backend).
+pub fn init_score(c: &ModelConfig, num_labels: usize, device: &Device, seed: u64) -> Linear {
+    let w = Init::new(seed, c.initializer_range, device).normal(vec![num_labels, c.hidden_size]);
+    Linear::from_host(w.transpose2(), None, device)
+}
+
+/// The Hugging Face tensors of a causal LM's decoder, in the layout's order.
 pub fn export(c: &ModelConfig, d: &Decoder) -> Vec<(String, HostTensor)> {
-    let layout = Layout::new(c);
+    export_layout(&Layout::new(c), d, None)
+}
+
+/// The Hugging Face tensors of a reward model, in the layout's order (`score.weight` last).
+pub fn export_reward(c: &ModelConfig, d: &Decoder, score: &Linear) -> Vec<(String, HostTensor)> {
+    let num_labels = score.weight.val().dims()[1];
+    export_layout(&Layout::reward(c, num_labels), d, Some(score))
+}
+
+fn export_layout(
+    layout: &Layout,
+    d: &Decoder,
+    score: Option<&Linear>,
+) -> Vec<(String, HostTensor)> {
     let mut out = vec![(layout.embed.clone(), host(&d.embed))];
     for (b, l) in d.blocks.iter().zip(&layout.blocks) {
         write_norm(&b.ln1, &l.ln1, &mut out);
@@ -90,8 +147,12 @@ pub fn export(c: &ModelConfig, d: &Decoder) -> Vec<(String, HostTensor)> {
         write_linear(&b.mlp_out, &l.mlp_out, &mut out);
     }
     write_norm(&d.final_norm, &layout.final_norm, &mut out);
-    if let Some(w) = &d.lm_head {
-        out.push((layout.lm_head.clone(), host(w).transpose2()));
+    match (&layout.head, &d.lm_head, score) {
+        (Head::LmHead { name, .. }, Some(w), _) => out.push((name.clone(), host(w).transpose2())),
+        (Head::Score { name, .. }, _, Some(s)) => {
+            out.push((name.clone(), host(&s.weight).transpose2()))
+        }
+        _ => {}
     }
     out
 }
@@ -112,6 +173,10 @@ impl Source for Reader<'_> {
 
     fn tied_lm_head(&mut self, name: &str) {
         self.files.skip(name);
+    }
+
+    fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<HostTensor> {
+        Ok(self.files.take(name, &labels_hidden)?.transpose2())
     }
 
     /// Reads the parts `[out_i, in]`, stacks them along `out`, reorders the rows by `perm`
@@ -249,6 +314,10 @@ impl Source for Init {
     }
 
     fn tied_lm_head(&mut self, _: &str) {}
+
+    fn score(&mut self, _: &str, labels_hidden: [usize; 2]) -> Result<HostTensor> {
+        Ok(self.normal(labels_hidden.to_vec()).transpose2())
+    }
 
     /// Normal weight drawn in the decoder's `[in, out]` order, zero bias, as transformers
     /// initializes.

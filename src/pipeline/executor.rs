@@ -48,7 +48,8 @@ pub struct Plan {
 impl Plan {
     /// Validates and hashes every stage, of the kinds `registry` lists. Reads data files only to
     /// hash them (with a stat cache).
-    pub fn new(pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
+    pub fn new(mut pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
+        super::matrix::expand(&mut pipeline, registry)?;
         let fname = pipeline.file.display().to_string();
         let graph = Graph::build(&pipeline)?;
         let store = Store::new(pipeline.cache.clone());
@@ -174,6 +175,15 @@ impl Plan {
             .get(name)
             .map(|&i| &self.stages[i])
             .ok_or_else(|| {
+                if let Some(instances) = self.pipeline.matrices.get(name) {
+                    return user(format!(
+                        "{}: `{}` is a matrix stage: name one of its {} instances ({})",
+                        self.pipeline.file.display(),
+                        clip(name),
+                        instances.len(),
+                        clip(&instances.join(", "))
+                    ));
+                }
                 let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
                 user(format!(
                     "{}: no stage `{}`{}",
@@ -182,6 +192,14 @@ impl Plan {
                     suggest(name, &names)
                 ))
             })
+    }
+
+    /// The stages `name` stands for: itself, or every instance of a matrix stage.
+    pub fn resolve(&self, name: &str) -> Result<Vec<String>> {
+        match self.pipeline.matrices.get(name) {
+            Some(instances) if !self.index.contains_key(name) => Ok(instances.clone()),
+            _ => Ok(vec![self.get(name)?.name.clone()]),
+        }
     }
 
     /// A built stage's manifest, once its artifact passed the cheap integrity check (sizes
@@ -279,21 +297,25 @@ pub type RunReport = Vec<(String, &'static str)>;
 
 /// Materializes every stale stage the targets need.
 pub fn run(plan: &Plan, opts: &RunOptions, progress: &Progress) -> Result<RunReport> {
-    for t in opts.targets.iter().chain(opts.from.iter()) {
-        plan.get(t)?;
+    // A matrix stage's name stands for all its instances.
+    let mut targets: Vec<String> = Vec::new();
+    for t in &opts.targets {
+        targets.extend(plan.resolve(t)?);
     }
-    let targets: Vec<String> = if opts.targets.is_empty() {
-        plan.graph.order.clone()
-    } else {
-        opts.targets.clone()
+    let from = match &opts.from {
+        Some(f) => plan.resolve(f)?,
+        None => Vec::new(),
     };
+    if opts.targets.is_empty() {
+        targets = plan.graph.order.clone();
+    }
     let selected = plan.graph.with_upstream(&targets);
     let mut forced: HashSet<String> = HashSet::new();
     if opts.force {
         forced.extend(selected.iter().cloned());
     }
-    if let Some(f) = &opts.from {
-        forced.extend(plan.graph.with_downstream(f));
+    if !from.is_empty() {
+        forced.extend(plan.graph.with_downstream_all(&from));
     }
     let to_run: Vec<&Planned> = selected
         .iter()

@@ -124,7 +124,13 @@ impl Graph {
 
     /// The stage and everything that reads it, transitively, in topological order.
     pub fn with_downstream(&self, root: &str) -> Vec<String> {
-        let mut keep: HashSet<&str> = HashSet::from([root]);
+        self.with_downstream_all(&[root.to_string()])
+    }
+
+    /// The stages (a matrix stage's instances) and everything that reads one of them, in
+    /// topological order: one pass, however many roots.
+    pub fn with_downstream_all(&self, roots: &[String]) -> Vec<String> {
+        let mut keep: HashSet<&str> = roots.iter().map(String::as_str).collect();
         for s in &self.order {
             if self.deps[s].iter().any(|d| keep.contains(d.as_str())) {
                 keep.insert(s.as_str());

@@ -100,6 +100,47 @@ impl Store {
         Ok(problems)
     }
 
+    /// The intact artifact of `hash`, whatever its kind (the folder `<kind>/<hash>/` that holds
+    /// it): what a stage reads behind its direct inputs ([`super::stage::RunContext::upstream`]).
+    /// Missing or damaged is an error naming the files and the fix.
+    pub fn upstream_artifact(&self, hash: &str) -> Result<super::stage::Artifact> {
+        let kind = std::fs::read_dir(&self.root)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .find(|k| {
+                !k.starts_with('.')
+                    && k != "tmp"
+                    && entry_type(&self.artifact_dir(k, hash).join(MANIFEST))
+                        == Some(EntryType::File)
+            });
+        let Some(kind) = kind else {
+            return Err(crate::error::user(format!(
+                "artifact {hash} is not in the cache {} (deleted by `sepo gc`?): rerun the pipeline",
+                self.root.display()
+            )));
+        };
+        let manifest = self.manifest(&kind, hash)?;
+        let problems = self.check(&kind, hash, &manifest)?;
+        if !problems.is_empty() {
+            return Err(crate::error::user(format!(
+                "artifact `{}` ({kind}) is damaged: {}; rebuild it with `sepo run P.yaml --from {}`",
+                manifest.stage,
+                problems.join("; "),
+                manifest.stage
+            )));
+        }
+        Ok(super::stage::Artifact {
+            stage: manifest.stage.clone(),
+            kind: kind.clone(),
+            hash: hash.to_string(),
+            dir: self.artifact_dir(&kind, hash),
+            manifest,
+        })
+    }
+
     /// Everything `sepo verify` reports about one artifact: a full re-hash of every file, files
     /// the manifest does not list, links and special files (listed, never followed).
     pub fn verify(&self, kind: &str, hash: &str) -> Result<Vec<String>> {

@@ -7,6 +7,7 @@ pub mod gc;
 pub mod graph;
 pub mod hash;
 pub mod integrity;
+pub mod matrix;
 pub mod spec;
 pub mod stage;
 pub mod store;

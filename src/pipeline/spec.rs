@@ -35,8 +35,28 @@ pub struct StageDecl {
     pub name: String,
     pub kind: String,
     pub inputs: BTreeMap<String, InputRef>,
-    /// Everything but `kind` and `inputs`, as written (plus `--set` overrides).
+    /// Everything but `kind`, `inputs` and `matrix`, as written (plus `--set` overrides).
     pub params: Map<String, Value>,
+    /// `matrix:` as written (plus `--set S.matrix...`): the parameters this stage is expanded
+    /// over, in the order written. Empty once the pipeline is expanded (see [`super::matrix`]).
+    pub matrix: Vec<Axis>,
+    /// For a stage made by expanding a matrix: which stage, with which values.
+    pub instance: Option<Instance>,
+}
+
+/// One key of a `matrix:`: a parameter and the values it takes, in the order written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axis {
+    pub key: String,
+    pub values: Vec<Value>,
+}
+
+/// What makes a matrix instance: its base stage and its matrix values, as its name shows them
+/// (`base@key=value,...`); own keys (set as parameters) and keys inherited from matrix inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub base: String,
+    pub values: Vec<(String, Value)>,
 }
 
 /// A parsed pipeline file.
@@ -50,8 +70,14 @@ pub struct Pipeline {
     pub cache: PathBuf,
     pub device: String,
     pub seed: u64,
-    /// In file order.
+    /// In file order; matrix stages expanded in place once planned ([`super::matrix::expand`]).
     pub stages: Vec<StageDecl>,
+    /// Each matrix stage's name (declared, or made a matrix by its inputs) to its instances'
+    /// names, in order: filled by [`super::matrix::expand`].
+    pub matrices: BTreeMap<String, Vec<String>>,
+    /// `--set` assignments addressed to one matrix instance (`S@k=v.key=value`): instances exist
+    /// only once the matrix is expanded, which applies them.
+    pub instance_sets: Vec<String>,
 }
 
 impl Pipeline {
@@ -162,6 +188,8 @@ impl Pipeline {
             device: device.unwrap_or_else(|| "auto".into()),
             seed: seed.unwrap_or(42),
             stages,
+            matrices: BTreeMap::new(),
+            instance_sets: Vec::new(),
         })
     }
 
@@ -172,17 +200,40 @@ impl Pipeline {
     }
 
     /// Applies `--set stage.key=value` (value parsed as YAML; `key` may be dotted for nesting).
+    /// `stage` is a stage as declared (for a matrix stage: every instance), or one matrix
+    /// instance (`S@k=v,...`, applied when the matrix is expanded); `stage.matrix.K=[...]`
+    /// replaces (or adds) the values of matrix key `K`, `stage.matrix={...}` the whole matrix.
     pub fn apply_set(&mut self, assignment: &str) -> Result<()> {
         let fname = self.file.display().to_string();
         // The assignment is echoed in every error below; a huge value must not come back whole.
         let shown = clip(assignment);
-        let Some((lhs, rhs)) = assignment.split_once('=') else {
-            user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE");
-        };
-        let Some((stage, key)) = lhs.split_once('.') else {
-            user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE");
-        };
-        let Some(decl) = self.stages.iter_mut().find(|s| s.name == stage) else {
+        // A declared stage whose name (with its dot) starts the assignment; the longest such,
+        // so that a name holding dots or `=` is still addressable.
+        let declared = self
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                assignment
+                    .strip_prefix(s.name.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            })
+            .max_by_key(|(_, s)| s.name.len())
+            .map(|(i, _)| i);
+        let Some(i) = declared else {
+            let stage = match assignment.split_once('=') {
+                Some((lhs, _)) => match lhs.split_once('.') {
+                    Some((stage, _)) => stage,
+                    None if lhs.contains('@') => lhs,
+                    None => user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE"),
+                },
+                None => user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE"),
+            };
+            if stage.contains('@') {
+                // Maybe a matrix instance: checked when the matrix is expanded.
+                self.instance_sets.push(assignment.to_string());
+                return Ok(());
+            }
             // Only on the error path: edit distances to every stage name are not free.
             let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
             user_bail!(
@@ -191,29 +242,89 @@ impl Pipeline {
                 suggest(stage, &names)
             );
         };
-        if key == "kind" || key == "inputs" || key.starts_with("inputs.") {
-            user_bail!(
-                "--set `{shown}`: only parameters can be overridden, not `{}`",
-                clip(key)
-            );
-        }
-        let yaml: serde_yaml::Value = serde_yaml::from_str(rhs)
-            .map_err(|e| user(format!("--set `{shown}`: value is not valid YAML: {e}")))?;
-        let value = yaml_to_json(&yaml, &fname)?;
-        let parts: Vec<&str> = key.split('.').collect();
-        let mut map = &mut decl.params;
-        for part in &parts[..parts.len() - 1] {
-            let entry = map
-                .entry(part.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !entry.is_object() {
-                *entry = Value::Object(Map::new());
+        let rest = &assignment[self.stages[i].name.len() + 1..];
+        let Some((key, rhs)) = rest.split_once('=') else {
+            user_bail!("--set `{shown}`: expected STAGE.KEY=VALUE");
+        };
+        let value = set_value(rhs, &shown, &fname)?;
+        let decl = &mut self.stages[i];
+        if key == "matrix" || key.starts_with("matrix.") {
+            let what = format!("--set `{shown}`");
+            match key.strip_prefix("matrix.") {
+                None => decl.matrix = parse_matrix(&value, &fname, &what)?,
+                Some(k) => {
+                    let axes = parse_matrix(&serde_json::json!({ k: value }), &fname, &what)?;
+                    for axis in axes {
+                        match decl.matrix.iter_mut().find(|a| a.key == axis.key) {
+                            Some(a) => *a = axis,
+                            None => decl.matrix.push(axis),
+                        }
+                    }
+                }
             }
-            map = entry.as_object_mut().expect("just made an object");
+            return Ok(());
         }
-        map.insert(parts[parts.len() - 1].to_string(), value);
-        Ok(())
+        set_param(&mut decl.params, key, value, &shown)
     }
+}
+
+/// The value of a `--set` assignment: YAML, as JSON.
+pub(crate) fn set_value(rhs: &str, shown: &str, fname: &str) -> Result<Value> {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(rhs)
+        .map_err(|e| user(format!("--set `{shown}`: value is not valid YAML: {e}")))?;
+    yaml_to_json(&yaml, fname)
+}
+
+/// Sets parameter `key` (dotted for nesting) of a stage's `params` to `value`, as `--set` does.
+pub(crate) fn set_param(
+    params: &mut Map<String, Value>,
+    key: &str,
+    value: Value,
+    shown: &str,
+) -> Result<()> {
+    if key.is_empty() || key == "kind" || key == "inputs" || key.starts_with("inputs.") {
+        user_bail!(
+            "--set `{shown}`: only parameters can be overridden, not `{}`",
+            clip(key)
+        );
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut map = params;
+    for part in &parts[..parts.len() - 1] {
+        let entry = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        map = entry.as_object_mut().expect("just made an object");
+    }
+    map.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// A `matrix:` mapping (as JSON) as its axes, in the order written. Only the shape is checked
+/// here; what needs the stage kind or `--set` applied first (unknown keys, empty or repeated
+/// values) is checked when the matrix is expanded.
+pub(crate) fn parse_matrix(v: &Value, fname: &str, what: &str) -> Result<Vec<Axis>> {
+    let Value::Object(m) = v else {
+        user_bail!(
+            "{fname}: {what}: `matrix` must map parameters to lists of values, e.g. `matrix: {{seed: [1, 2, 3]}}`"
+        );
+    };
+    m.iter()
+        .map(|(key, values)| match values {
+            Value::Array(values) => Ok(Axis {
+                key: key.clone(),
+                values: values.clone(),
+            }),
+            _ => Err(user(format!(
+                "{fname}: {what}: matrix.{} must be a list of values, e.g. `{}: [1, 2]`",
+                clip(key),
+                clip(key)
+            ))),
+        })
+        .collect()
 }
 
 /// The cache must be a folder or a path where one can be made. A regular file there (or above
@@ -275,6 +386,7 @@ fn parse_stage(full_name: &str, v: serde_yaml::Value, fname: &str) -> Result<Sta
     let mut kind = None;
     let mut inputs = BTreeMap::new();
     let mut params = Map::new();
+    let mut matrix = Vec::new();
     for (k, v) in m {
         let key = yaml_key(&k, fname, &format!("stage `{name}`"))?;
         match key.as_str() {
@@ -297,6 +409,14 @@ fn parse_stage(full_name: &str, v: serde_yaml::Value, fname: &str) -> Result<Sta
                     inputs.insert(role, r);
                 }
             }
+            "matrix" => {
+                let what = format!("stage `{name}`");
+                matrix = parse_matrix(
+                    &yaml_to_json(&v, fname).with_context(|| what.clone())?,
+                    fname,
+                    &what,
+                )?;
+            }
             _ => {
                 params.insert(
                     key,
@@ -313,6 +433,8 @@ fn parse_stage(full_name: &str, v: serde_yaml::Value, fname: &str) -> Result<Sta
         kind,
         inputs,
         params,
+        matrix,
+        instance: None,
     })
 }
 

@@ -147,4 +147,25 @@ impl RunContext<'_> {
     pub fn input_opt(&self, role: &str) -> Option<&Artifact> {
         self.inputs.get(role).and_then(|v| v.first())
     }
+
+    /// The artifacts an upstream artifact `a` was built from under `role` (its manifest's
+    /// `inputs`), found in the store and checked like direct inputs before they are read. For a
+    /// stage that needs more than its direct inputs: `evaluate` reads the prompts' text from the
+    /// `ingest` artifact behind its token data, and the oracle behind a `select` stage.
+    pub fn upstream(&self, a: &Artifact, role: &str) -> Result<Vec<Artifact>> {
+        let hashes: Vec<&str> = match a.manifest.inputs.get(role) {
+            Some(Value::String(h)) => vec![h.as_str()],
+            Some(Value::Array(v)) => v.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        hashes
+            .into_iter()
+            .map(|h| self.store.upstream_artifact(h))
+            .collect()
+    }
+
+    /// The single artifact `a` was built from under `role`, if any.
+    pub fn upstream_one(&self, a: &Artifact, role: &str) -> Result<Option<Artifact>> {
+        Ok(self.upstream(a, role)?.into_iter().next())
+    }
 }

@@ -1,6 +1,8 @@
 //! `model`: a causal LM as a Hugging Face folder artifact (`model/`: config.json,
 //! model.safetensors, tokenizer.json, tokenizer_config.json), either loaded from a folder the user
-//! has (`from:`) or freshly initialized from a `config:` sized to the tokenizer (seeded).
+//! has (`from:`) or freshly initialized from a `config:` sized to the tokenizer (seeded). A `from:`
+//! folder of a `*ForSequenceClassification` class gives a reward model artifact instead (the
+//! `evaluate` stage's judge), saved the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,7 @@ use super::{
 };
 use crate::artifacts::{ModelDir, tokenizer_of};
 use crate::error::user;
-use crate::model::{CausalLm, ModelConfig};
+use crate::model::{Architecture, CausalLm, ModelConfig};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -141,30 +143,33 @@ impl Stage for ModelStage {
             Some(a) => Some(tokenizer_of(a)?),
             None => None,
         };
-        let model = match (&self.cfg.from, &self.cfg.config) {
-            (Some(from), _) => ModelDir::at(&resolve(&self.base, from))
-                .load(&device)
-                .map_err(|e| user(format!("{e:#}")))?,
-            (None, Some(c)) => {
-                let mut c = c.clone();
-                if c.get("vocab_size").is_none_or(Value::is_null) {
-                    let tok = tokenizer.as_ref().expect("checked in build");
-                    c.insert("vocab_size".into(), Value::from(tok.vocab_size()));
-                }
-                let mc: ModelConfig = serde_json::from_value(Value::Object(c))
-                    .map_err(|e| user(format!("`config`: {e}")))?;
-                CausalLm::init(&mc, &device, self.cfg.seed.unwrap_or(0))
-                    .map_err(|e| user(format!("`config`: {e:#}")))?
-            }
-            (None, None) => unreachable!("validated in build"),
-        };
-        out.save(&model)?;
-        // The tokenizer: the input's if given, else the one in the model folder.
         let from = self
             .cfg
             .from
             .as_ref()
             .map(|f| ModelDir::at(&resolve(&self.base, f)));
+        let reward = match &from {
+            Some(dir) => dir.is_reward_model().map_err(|e| user(format!("{e:#}")))?,
+            None => false,
+        };
+        // What the log line and the manifest say: the same for both kinds of model.
+        let (vocab, params, arch): (usize, usize, Architecture) = if reward {
+            let dir = from.as_ref().expect("a reward model comes from a folder");
+            let rm = dir
+                .load_reward(&device)
+                .map_err(|e| user(format!("{e:#}")))?;
+            rm.save(out.path())?;
+            (rm.vocab_size(), rm.param_count(), rm.config().architecture)
+        } else {
+            let model = self.causal_lm(from.as_ref(), tokenizer.as_ref(), &device)?;
+            out.save(&model)?;
+            (
+                model.vocab_size(),
+                model.param_count(),
+                model.config().architecture,
+            )
+        };
+        // The tokenizer: the input's if given, else the one in the model folder.
         let tok = match (tokenizer, from) {
             (Some(t), _) => Some(t),
             (None, Some(from)) if from.has_tokenizer() => Some(from.tokenizer()?),
@@ -175,23 +180,50 @@ impl Stage for ModelStage {
                 "the model has no tokenizer.json: add `inputs: {{tokenizer: <tokenizer stage>}}`"
             );
         };
-        if tok.vocab_size() > model.vocab_size() {
+        if tok.vocab_size() > vocab {
             user_bail!(
-                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                "the tokenizer has {} tokens but the model's vocabulary is {vocab}",
                 tok.vocab_size(),
-                model.vocab_size()
             );
         }
         tok.write_to(out.path())?;
+        let what = if reward { " reward model" } else { "" };
         ctx.progress.log(format!(
-            "         {}: {} ({} parameters, vocab {})",
+            "         {}: {}{what} ({params} parameters, vocab {vocab})",
             ctx.stage,
-            model.config().architecture.model_type(),
-            model.param_count(),
-            model.vocab_size()
+            arch.model_type(),
         ));
-        Ok(
-            json!({"parameters": model.param_count(), "vocab_size": model.vocab_size(), "architecture": model.config().architecture.model_type()}),
-        )
+        let mut summary =
+            json!({"parameters": params, "vocab_size": vocab, "architecture": arch.model_type()});
+        if reward {
+            summary["head"] = json!("score");
+        }
+        Ok(summary)
+    }
+}
+
+impl ModelStage {
+    /// The causal LM of a `from:` folder, or a fresh one of the `config:`.
+    fn causal_lm(
+        &self,
+        from: Option<&ModelDir>,
+        tokenizer: Option<&crate::tokenizer::HfTokenizer>,
+        device: &burn::tensor::Device,
+    ) -> Result<CausalLm> {
+        Ok(match (from, &self.cfg.config) {
+            (Some(from), _) => from.load(device).map_err(|e| user(format!("{e:#}")))?,
+            (None, Some(c)) => {
+                let mut c = c.clone();
+                if c.get("vocab_size").is_none_or(Value::is_null) {
+                    let tok = tokenizer.expect("checked in build");
+                    c.insert("vocab_size".into(), Value::from(tok.vocab_size()));
+                }
+                let mc: ModelConfig = serde_json::from_value(Value::Object(c))
+                    .map_err(|e| user(format!("`config`: {e}")))?;
+                CausalLm::init(&mc, device, self.cfg.seed.unwrap_or(0))
+                    .map_err(|e| user(format!("`config`: {e:#}")))?
+            }
+            (None, None) => unreachable!("validated in build"),
+        })
     }
 }

@@ -1,6 +1,7 @@
-//! `train`: SFT, DPO, IPO, SimPO or SePO from a model artifact. Writes `model/` (a Hugging Face
-//! folder), `metrics.parquet` and `loss.png`. Resumes from `<cache>/tmp/<hash>/ckpt/` when
-//! `checkpoint_every` is set and a previous run was killed.
+//! `train`: SFT, DPO, IPO, SimPO or SePO from a model artifact, or a Bradley-Terry reward model
+//! (`reward`). Writes `model/` (a Hugging Face folder), `metrics.parquet` and `loss.svg`.
+//! Resumes from `<cache>/tmp/<hash>/ckpt/` when `checkpoint_every` is set and a previous run was
+//! killed.
 
 use anyhow::Result;
 use schemars::JsonSchema;
@@ -15,12 +16,14 @@ use crate::artifacts::{ModelDir, Tokens};
 use crate::data::parquet as pq;
 use crate::error::user;
 use crate::logprobs::ensure;
+use crate::model::{CausalLm, RewardModel};
 use crate::train::trainer::{self, Example, Objective, StepMetrics, TrainSpec};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
     kind: "train",
-    version: "1",
+    // 2: the loss plot is `loss.svg` (plotters), not `loss.png`; manifests record loss_tokens.
+    version: "2",
     roles: &[
         Role {
             name: "model",
@@ -46,14 +49,17 @@ pub static KIND: StageKind = StageKind {
     params_schema: params_schema::<TrainConfig>,
 };
 
-/// `train`: SFT, DPO, IPO, SimPO or SePO from a model artifact, with AdamW, linear warm-up
-/// then cosine decay of the learning rate, and global-norm gradient clipping.
+/// `train`: SFT, DPO, IPO, SimPO or SePO from a model artifact, or a reward model, with AdamW,
+/// linear warm-up then cosine decay of the learning rate, and global-norm gradient clipping.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// sft: next-token loss on the chosen responses; dpo, ipo: preference losses against the
     /// `reference` input; simpo: reference-free, length-normalized; sepo: reference-free, on the
-    /// key tokens of a `select` stage given as `data`.
+    /// key tokens of a `select` stage given as `data`; reward: a Bradley-Terry reward model (TRL's
+    /// RewardTrainer, loss -log sigmoid(r_chosen - r_rejected)) saved as a transformers
+    /// `*ForSequenceClassification` folder: a seeded score head on a language model `model`, or
+    /// more training of a reward model.
     pub objective: Objective,
     /// Peak learning rate (reached after the warm-up), >= 0.
     #[serde(default = "d_lr")]
@@ -98,6 +104,12 @@ pub struct TrainConfig {
     #[serde(default = "d_fraction")]
     #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
     pub data_fraction: f64,
+    /// Train on exactly the train rows that `data_fraction` with the same seed leaves out (a
+    /// judge that never sees the oracle's rows); needs `data_fraction` < 1.
+    // Left out of the canonical parameters when false, so that adding it moved no stage hash.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(extend("default" = false))]
+    pub data_complement: bool,
     /// Shuffle the examples (seeded) every epoch.
     #[serde(default = "d_true")]
     pub shuffle: bool,
@@ -163,6 +175,12 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
             cfg.data_fraction
         );
     }
+    if cfg.data_complement && cfg.data_fraction >= 1.0 {
+        user_bail!(
+            "`data_complement: true` trains on the rows `data_fraction` leaves out, and \
+             `data_fraction: 1` leaves none: lower `data_fraction`"
+        );
+    }
     if !(cfg.lr >= 0.0 && cfg.lr.is_finite()) {
         user_bail!("`lr` must be a non-negative number, got {}", cfg.lr);
     }
@@ -225,21 +243,6 @@ impl Train {
     }
 }
 
-/// The rows of the train split kept by `data_fraction` (a seeded subset, file order kept).
-pub fn subset(n: usize, fraction: f64, seed: u64) -> Vec<usize> {
-    use rand::SeedableRng;
-    use rand::seq::SliceRandom;
-    if fraction >= 1.0 {
-        return (0..n).collect();
-    }
-    let k = ((fraction * n as f64).ceil() as usize).clamp(1, n.max(1));
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x5e90_da7a));
-    idx.truncate(k);
-    idx.sort_unstable();
-    idx
-}
-
 impl Stage for Train {
     fn params(&self) -> Value {
         to_params(&self.cfg)
@@ -277,7 +280,21 @@ impl Stage for Train {
         if train_idx.is_empty() {
             user_bail!("{} has no train rows", path.display());
         }
-        let keep = subset(train_idx.len(), self.cfg.data_fraction, spec.seed);
+        let c = &self.cfg;
+        let keep = crate::train::rows::pick_rows(
+            train_idx.len(),
+            c.data_fraction,
+            c.data_complement,
+            spec.seed,
+        );
+        if keep.is_empty() {
+            user_bail!(
+                "{}: `data_complement` leaves none of its {} train rows (`data_fraction` {} keeps them all)",
+                path.display(),
+                train_idx.len(),
+                c.data_fraction
+            );
+        }
         let examples: Vec<Example> = keep
             .iter()
             .map(|&k| {
@@ -299,7 +316,18 @@ impl Stage for Train {
             user_bail!("{}: a row has an empty prompt", path.display());
         }
         let device = crate::device::parse_device(ctx.device).map_err(|e| user(e.to_string()))?;
-        let model = ModelDir::of(model_in).load(&device.clone().autodiff())?;
+        let train_device = device.clone().autodiff();
+        let model_dir = ModelDir::of(model_in);
+        let model = match spec.objective {
+            Objective::Reward if model_dir.is_reward_model()? => {
+                Trainee::Reward(model_dir.load_reward(&train_device)?)
+            }
+            Objective::Reward => Trainee::Reward(RewardModel::from_causal_lm(
+                model_dir.load(&train_device)?,
+                spec.seed,
+            )?),
+            _ => Trainee::Lm(model_dir.load(&train_device)?),
+        };
         let vocab = model.vocab_size();
         if let Some(bad) = examples
             .iter()
@@ -322,32 +350,100 @@ impl Stage for Train {
             spec.lr
         ));
         let ckpt = ctx.work.join("ckpt");
-        let (model, metrics) = trainer::train(
-            model,
-            &examples,
-            &spec,
-            &ckpt,
-            &device.clone().autodiff(),
-            ctx.progress,
-            ctx.stage,
-        )?;
         let out = ModelDir::in_artifact(ctx.out);
-        out.save(&model)?;
+        let metrics = match model {
+            Trainee::Lm(model) => {
+                let (model, metrics) = trainer::train(
+                    model,
+                    &examples,
+                    &spec,
+                    &ckpt,
+                    &train_device,
+                    ctx.progress,
+                    ctx.stage,
+                )?;
+                out.save(&model)?;
+                metrics
+            }
+            Trainee::Reward(model) => {
+                let (model, metrics) = trainer::train(
+                    model,
+                    &examples,
+                    &spec,
+                    &ckpt,
+                    &train_device,
+                    ctx.progress,
+                    ctx.stage,
+                )?;
+                model.save(out.path())?;
+                metrics
+            }
+        };
         ModelDir::of(model_in).copy_tokenizer_to(&out)?;
         write_metrics(&metrics, &ctx.out.join(METRICS_FILE))?;
-        crate::train::plot::loss_png(
-            &metrics,
+        let losses = metrics.iter().map(|m| (m.step as f64, m.loss)).collect();
+        let plot = crate::plot::loss_curves(
             &format!("{} ({})", ctx.stage, spec.objective.name()),
-            &ctx.out.join(LOSS_PLOT),
+            &[("loss".to_string(), losses)],
         )?;
+        std::fs::write(ctx.out.join(LOSS_PLOT), plot)?;
         let last = metrics.last().cloned().unwrap_or_default();
+        let (loss_tokens, response_tokens) = loss_token_counts(&examples, spec.objective);
         Ok(json!({
             "pairs": examples.len(),
             "steps": metrics.len(),
+            "loss_tokens": loss_tokens * spec.epochs as u64,
+            "response_tokens": response_tokens * spec.epochs as u64,
             "final_loss": last.loss,
             "tokens": metrics.iter().map(|m| m.tokens).sum::<u64>(),
             "final_reward_accuracy": last.reward_accuracy,
         }))
+    }
+}
+
+/// Over one epoch: the response tokens whose log-probs carry the loss (SFT: the chosen answers;
+/// SePO: the key tokens; the pairwise objectives: both answers), and the response tokens the
+/// objective sees (SFT: the chosen answers; else both). Their ratio is the share of tokens
+/// trained on, which `evaluate` reports as the method's cost.
+fn loss_token_counts(examples: &[Example], objective: Objective) -> (u64, u64) {
+    let mut loss = 0u64;
+    let mut seen = 0u64;
+    for e in examples {
+        let (c, r) = (e.chosen.len() as u64, e.rejected.len() as u64);
+        match objective {
+            Objective::Sft => {
+                loss += c;
+                seen += c;
+            }
+            Objective::Sepo => {
+                let keys = |m: &Option<Vec<bool>>| {
+                    m.as_ref()
+                        .map_or(0, |m| m.iter().filter(|k| **k).count() as u64)
+                };
+                loss += keys(&e.chosen_mask) + keys(&e.rejected_mask);
+                seen += c + r;
+            }
+            _ => {
+                loss += c + r;
+                seen += c + r;
+            }
+        }
+    }
+    (loss, seen)
+}
+
+/// The model a train stage trains: a language model, or a reward model for `objective: reward`.
+enum Trainee {
+    Lm(CausalLm),
+    Reward(RewardModel),
+}
+
+impl Trainee {
+    fn vocab_size(&self) -> usize {
+        match self {
+            Trainee::Lm(m) => m.vocab_size(),
+            Trainee::Reward(m) => m.vocab_size(),
+        }
     }
 }
 
@@ -380,9 +476,12 @@ pub fn write_metrics(metrics: &[StepMetrics], path: &std::path::Path) -> Result<
         ),
         col_f("elapsed_s", &|m| m.elapsed_s),
     ];
-    if metrics.first().is_some_and(|m| m.reward_margin.is_some()) {
+    // A reward model has rewards but no log-probs.
+    if metrics.first().is_some_and(|m| m.logps_chosen.is_some()) {
         cols.push(col_o("logps_chosen", &|m| m.logps_chosen));
         cols.push(col_o("logps_rejected", &|m| m.logps_rejected));
+    }
+    if metrics.first().is_some_and(|m| m.reward_margin.is_some()) {
         cols.push(col_o("reward_chosen", &|m| m.reward_chosen));
         cols.push(col_o("reward_rejected", &|m| m.reward_rejected));
         cols.push(col_o("reward_margin", &|m| m.reward_margin));

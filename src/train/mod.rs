@@ -7,10 +7,12 @@
 
 pub mod objectives;
 pub mod optim;
-pub mod plot;
+pub mod rows;
 pub mod schedule;
 pub mod trainer;
 
-pub use objectives::{PairLoss, PairMetrics, dpo, ipo, masked_count, masked_sum, sepo, sft, simpo};
+pub use objectives::{
+    PairLoss, PairMetrics, bradley_terry, dpo, ipo, masked_count, masked_sum, sepo, sft, simpo,
+};
 pub use optim::{AdamW, AdamWConfig, DecayScope, ParamGrads, load_module, save_module};
 pub use schedule::{lr_at, num_warmup_steps};

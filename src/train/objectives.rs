@@ -218,6 +218,21 @@ pub fn sepo(
     }
 }
 
+/// Bradley-Terry reward-model loss (TRL's `RewardTrainer`, no margin column):
+///
+/// ```text
+/// loss_i = -logsigmoid(r_chosen - r_rejected)
+/// ```
+/// `chosen` and `rejected` are the reward model's scores `[B]`. Rewards: the scores themselves.
+pub fn bradley_terry(chosen: Tensor<1>, rejected: Tensor<1>) -> PairLoss {
+    let z = chosen.clone() - rejected.clone();
+    PairLoss {
+        loss: log_sigmoid(z).neg().mean(),
+        chosen_reward: chosen.detach(),
+        rejected_reward: rejected.detach(),
+    }
+}
+
 /// SFT: **token-weighted** mean negative log-likelihood over every counted token of the batch,
 /// `sum(-logp * mask) / sum(mask)` (what transformers' causal-LM loss gives for one batch; not the
 /// per-sequence mean averaged over sequences). Shape `[1]`. An all-zero mask gives 0, not NaN.

@@ -1,11 +1,13 @@
 //! The training loop: batches, forward passes through [`CausalLm::selected_logprobs`] (logits
-//! only at response positions), the objective, global-norm clipping, AdamW with warm-up + cosine,
-//! metrics, and checkpoints from which a killed run resumes to the same bytes.
+//! only at response positions) or a [`RewardModel`]'s scores, the objective, global-norm
+//! clipping, AdamW with warm-up + cosine, metrics, and checkpoints from which a killed run
+//! resumes to the same bytes.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -14,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::objectives::{self, PairLoss};
 use super::optim::{AdamW, AdamWConfig, ParamGrads, load_module, save_module};
 use super::schedule::lr_at;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, RewardModel};
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -25,6 +27,8 @@ pub enum Objective {
     Ipo,
     Simpo,
     Sepo,
+    /// A Bradley-Terry reward model (TRL's RewardTrainer): a score head on the decoder.
+    Reward,
 }
 
 impl Objective {
@@ -41,6 +45,7 @@ impl Objective {
             Objective::Ipo => "ipo",
             Objective::Simpo => "simpo",
             Objective::Sepo => "sepo",
+            Objective::Reward => "reward",
         }
     }
 }
@@ -129,16 +134,79 @@ struct CkptState {
     metrics: Vec<StepMetrics>,
 }
 
+/// A model the loop can train: its loss on one micro-batch under the run's objective.
+pub trait Trainable: Module + Sized {
+    /// One micro-batch's loss and metrics. For SFT the loss is already divided by the step's
+    /// response tokens (`step_tokens`), so summing micro-batches gives the step's token-weighted
+    /// mean.
+    fn micro_loss(
+        &self,
+        batch: &[&Example],
+        spec: &TrainSpec,
+        device: &Device,
+        step_tokens: usize,
+    ) -> Result<MicroOut>;
+}
+
+impl Trainable for CausalLm {
+    fn micro_loss(
+        &self,
+        batch: &[&Example],
+        spec: &TrainSpec,
+        device: &Device,
+        step_tokens: usize,
+    ) -> Result<MicroOut> {
+        forward_loss(self, batch, spec, device, step_tokens)
+    }
+}
+
+impl Trainable for RewardModel {
+    /// Bradley-Terry on the scores of `prompt + chosen` and `prompt + rejected`, both sides in
+    /// one right-padded forward.
+    fn micro_loss(
+        &self,
+        batch: &[&Example],
+        spec: &TrainSpec,
+        device: &Device,
+        _: usize,
+    ) -> Result<MicroOut> {
+        if spec.objective != Objective::Reward {
+            anyhow::bail!(
+                "a reward model trains with objective `reward`, not `{}`",
+                spec.objective.name()
+            );
+        }
+        let join = |p: &[u32], r: &[u32]| -> Vec<u32> { p.iter().chain(r).copied().collect() };
+        let seqs: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|e| join(&e.prompt, &e.chosen))
+            .chain(batch.iter().map(|e| join(&e.prompt, &e.rejected)))
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let scored = self.batch(&refs, device)?;
+        let tokens = scored.tokens;
+        let b = batch.len();
+        let r = self.forward(scored);
+        let pl = objectives::bradley_terry(r.clone().slice(0..b), r.slice(b..2 * b));
+        Ok(MicroOut {
+            loss: pl.loss.clone(),
+            pair: Some(pl),
+            logps: None,
+            tokens,
+        })
+    }
+}
+
 /// Trains `model` (on an autodiff device) and returns it with one metrics row per optimizer step.
-pub fn train(
-    mut model: CausalLm,
+pub fn train<M: Trainable>(
+    mut model: M,
     examples: &[Example],
     spec: &TrainSpec,
     ckpt_dir: &Path,
     device: &Device,
     progress: &Progress,
     label: &str,
-) -> Result<(CausalLm, Vec<StepMetrics>)> {
+) -> Result<(M, Vec<StepMetrics>)> {
     let lengths: Vec<usize> = examples
         .iter()
         .map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len()))
@@ -162,7 +230,7 @@ pub fn train(
             ckpt_dir.display()
         ));
     } else if state_path.is_file() {
-        let state: CkptState = serde_json::from_slice(&std::fs::read(&state_path)?)
+        let state: CkptState = read_state(&std::fs::read(&state_path)?)
             .with_context(|| format!("{}: unreadable checkpoint", state_path.display()))?;
         model = load_module(model, ckpt_dir.join("model.bpk"))?;
         opt = AdamW::load(&optim_path, device)?;
@@ -206,12 +274,12 @@ pub fn train(
                 } else {
                     1.0
                 };
-                let out = forward_loss(&model, &batch, spec, device, group_tokens)?;
+                let out = model.micro_loss(&batch, spec, device, group_tokens)?;
                 m.tokens += out.tokens as u64;
                 let loss = out.loss.mul_scalar(weight);
                 m.loss += scalar(&loss);
                 if let Some(pl) = &out.pair {
-                    pair_sums.add(out.mean_pc, out.mean_pr, &pl.metrics(), weight);
+                    pair_sums.add(out.logps, &pl.metrics(), weight);
                 }
                 grads.accumulate(&model, &mut loss.backward());
             }
@@ -262,8 +330,8 @@ pub fn train(
     Ok((model, metrics))
 }
 
-fn checkpoint(
-    model: &CausalLm,
+fn checkpoint<M: Module>(
+    model: &M,
     opt: &AdamW,
     metrics: &[StepMetrics],
     step: u64,
@@ -283,7 +351,7 @@ fn checkpoint(
         elapsed_s: elapsed,
         metrics: metrics.to_vec(),
     };
-    crate::util::write_atomic(&tmp.join("state.json"), &serde_json::to_vec(&state)?)?;
+    crate::util::write_atomic(&tmp.join("state.json"), &write_state(&state)?)?;
     for f in std::fs::read_dir(&tmp)? {
         std::fs::File::open(f?.path())?.sync_all()?;
     }
@@ -302,6 +370,43 @@ fn checkpoint(
     Ok(())
 }
 
+/// The checkpoint's state as JSON with every float kept as its bit pattern (`{"f64": bits}`):
+/// serde_json, built without its `float_roundtrip` feature, may parse a float one ulp off, and
+/// a resumed run must log the metrics an uninterrupted one logs.
+fn write_state(state: &CkptState) -> Result<Vec<u8>> {
+    fn exact(v: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::Number(n) if n.is_f64() => {
+                serde_json::json!({"f64": n.as_f64().expect("an f64").to_bits()})
+            }
+            Value::Array(a) => Value::Array(a.into_iter().map(exact).collect()),
+            Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, exact(v))).collect()),
+            other => other,
+        }
+    }
+    Ok(serde_json::to_vec(&exact(serde_json::to_value(state)?))?)
+}
+
+/// Reads what [`write_state`] wrote (plain floats, as older checkpoints have, read as they are).
+fn read_state(bytes: &[u8]) -> Result<CkptState> {
+    fn float(v: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::Object(o) if o.len() == 1 && o.get("f64").is_some_and(Value::is_u64) => {
+                let bits = o["f64"].as_u64().expect("checked");
+                serde_json::json!(f64::from_bits(bits))
+            }
+            Value::Array(a) => Value::Array(a.into_iter().map(float).collect()),
+            Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, float(v))).collect()),
+            other => other,
+        }
+    }
+    Ok(serde_json::from_value(float(serde_json::from_slice(
+        bytes,
+    )?))?)
+}
+
 fn scalar(t: &Tensor<1>) -> f64 {
     t.to_data()
         .convert::<f64>()
@@ -314,8 +419,8 @@ fn scalar(t: &Tensor<1>) -> f64 {
 /// step's pairs, so they are the step's means.
 #[derive(Default)]
 struct PairSums {
-    logps_chosen: f64,
-    logps_rejected: f64,
+    /// `None` when the objective has no log-probs (a reward model).
+    logps: Option<(f64, f64)>,
     reward_chosen: f64,
     reward_rejected: f64,
     reward_margin: f64,
@@ -323,11 +428,14 @@ struct PairSums {
 }
 
 impl PairSums {
-    /// Adds a micro-batch: its mean log-probs of the chosen and rejected responses, and its
-    /// objective's metrics.
-    fn add(&mut self, logps_c: f64, logps_r: f64, pm: &objectives::PairMetrics, weight: f64) {
-        self.logps_chosen += logps_c * weight;
-        self.logps_rejected += logps_r * weight;
+    /// Adds a micro-batch: its mean log-probs of the chosen and rejected responses (when the
+    /// model has them), and its objective's metrics.
+    fn add(&mut self, logps: Option<(f64, f64)>, pm: &objectives::PairMetrics, weight: f64) {
+        if let Some((c, r)) = logps {
+            let (sc, sr) = self.logps.get_or_insert((0.0, 0.0));
+            *sc += c * weight;
+            *sr += r * weight;
+        }
         self.reward_chosen += pm.reward_chosen * weight;
         self.reward_rejected += pm.reward_rejected * weight;
         self.reward_margin += pm.reward_margin * weight;
@@ -335,8 +443,8 @@ impl PairSums {
     }
 
     fn write_to(&self, m: &mut StepMetrics) {
-        m.logps_chosen = Some(self.logps_chosen);
-        m.logps_rejected = Some(self.logps_rejected);
+        m.logps_chosen = self.logps.map(|l| l.0);
+        m.logps_rejected = self.logps.map(|l| l.1);
         m.reward_chosen = Some(self.reward_chosen);
         m.reward_rejected = Some(self.reward_rejected);
         m.reward_margin = Some(self.reward_margin);
@@ -344,12 +452,16 @@ impl PairSums {
     }
 }
 
-struct MicroOut {
-    loss: Tensor<1>,
-    pair: Option<PairLoss>,
-    mean_pc: f64,
-    mean_pr: f64,
-    tokens: usize,
+/// One micro-batch's forward: what [`Trainable::micro_loss`] gives the loop.
+pub struct MicroOut {
+    /// The loss to differentiate, `[1]`.
+    pub loss: Tensor<1>,
+    /// A pairwise objective's result, for the metrics.
+    pub pair: Option<PairLoss>,
+    /// Mean summed log-probs of the chosen and rejected responses (language models only).
+    pub logps: Option<(f64, f64)>,
+    /// Non-padding tokens the forward processed.
+    pub tokens: usize,
 }
 
 /// One micro-batch: sequences `prompt + response` right-padded, log-probs at response positions
@@ -362,6 +474,9 @@ fn forward_loss(
     device: &Device,
     step_tokens: usize,
 ) -> Result<MicroOut> {
+    if spec.objective == Objective::Reward {
+        anyhow::bail!("objective `reward` trains a reward model, not a language model");
+    }
     let pairwise = spec.objective.is_pairwise();
     let mut seqs: Vec<(&[u32], &[u32])> = batch
         .iter()
@@ -424,8 +539,7 @@ fn forward_loss(
         return Ok(MicroOut {
             loss,
             pair: None,
-            mean_pc: 0.0,
-            mean_pr: 0.0,
+            logps: None,
             tokens,
         });
     }
@@ -456,12 +570,12 @@ fn forward_loss(
             objectives::sepo(lp_rows.clone(), kc, lp_rows, kr, spec.gamma, spec.margin)
         }
         Objective::Sft => unreachable!("handled above"),
+        Objective::Reward => unreachable!("checked above"),
     };
     Ok(MicroOut {
         loss: pl.loss.clone(),
         pair: Some(pl),
-        mean_pc,
-        mean_pr,
+        logps: Some((mean_pc, mean_pr)),
         tokens,
     })
 }

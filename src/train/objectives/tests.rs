@@ -544,3 +544,33 @@ fn masked_positions_may_hold_non_finite_values() {
     );
     close("sft", &vec_of(&sft(logps, mask)), &[7.25 / 4.0], 1e-7);
 }
+
+/// Bradley-Terry (TRL's RewardTrainer): the loss, its gradients `-sigmoid(-z_i) / B` and
+/// `+sigmoid(-z_i) / B`, and the rewards are the scores, against the formula in f64.
+#[test]
+fn bradley_terry_matches_its_formula() {
+    let dev = device();
+    let (c, r) = ([1.5f64, -0.25, 2.0, -3.0], [0.5f64, 0.75, 2.0, 4.0]);
+    let tc = Tensor::<1>::from_floats(c.map(|x| x as f32), &dev).require_grad();
+    let tr = Tensor::<1>::from_floats(r.map(|x| x as f32), &dev).require_grad();
+    let out = bradley_terry(tc.clone(), tr.clone());
+    let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let z: Vec<f64> = c.iter().zip(&r).map(|(a, b)| a - b).collect();
+    let want = z.iter().map(|&z| -sigmoid(z).ln()).sum::<f64>() / 4.0;
+    close("bradley-terry loss", &vec_of(&out.loss), &[want], 1e-6);
+    let grads = out.loss.backward();
+    let gc: Vec<f64> = z.iter().map(|&z| -sigmoid(-z) / 4.0).collect();
+    let gr: Vec<f64> = gc.iter().map(|g| -g).collect();
+    close("d/d chosen", &vec_of(&tc.grad(&grads).unwrap()), &gc, 1e-6);
+    close(
+        "d/d rejected",
+        &vec_of(&tr.grad(&grads).unwrap()),
+        &gr,
+        1e-6,
+    );
+    let m = out.metrics();
+    close("reward_chosen", &[m.reward_chosen], &[0.0625], 1e-6);
+    close("reward_margin", &[m.reward_margin], &[-1.75], 1e-6);
+    // Strictly greater, as TRL: the tie (2.0 vs 2.0) is not a win.
+    close("reward_accuracy", &[m.reward_accuracy], &[0.25], 0.0);
+}

@@ -1,0 +1,859 @@
+//! `evaluate`: whether the training worked, on the `test` split only. Per policy and for the
+//! reference: held-out preference metrics as TRL logs them (and on key tokens when the data is a
+//! `select` stage), greedy (or sampled) answers to the test prompts with their lengths, judged
+//! win rates against the reference's answer and the data's chosen answer, and what training cost.
+//! Writes `report.parquet`, `report.md`, `report.html` and `generations/<model>.json`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Result;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
+};
+use crate::artifacts::model::{METRICS_FILE, check_same_vocabulary};
+use crate::artifacts::{
+    Artifact, ModelDir, Pairs, Report, ReportRow, TokenRow, Tokens, tokenizer_of,
+};
+use crate::data::parquet as pq;
+use crate::eval::metrics::{PairLogps, preference};
+use crate::eval::report::{self, Figure};
+use crate::eval::stats::{mean_se, median};
+use crate::eval::winrate::{Duel, WinRate, win_rate};
+use crate::logprobs::ensure_test;
+use crate::model::reward::{RewardModel, is_reward_model};
+use crate::model::{CausalLm, GenerateOptions};
+use crate::user_bail;
+
+pub static KIND: StageKind = StageKind {
+    kind: "evaluate",
+    version: "1",
+    roles: &[
+        Role {
+            name: "policies",
+            required: true,
+            many: true,
+            kinds: &["train", "model"],
+        },
+        Role {
+            name: "reference",
+            required: true,
+            many: false,
+            kinds: &["model", "train"],
+        },
+        Role {
+            name: "data",
+            required: true,
+            many: false,
+            kinds: &["tokenize", "select"],
+        },
+        Role {
+            name: "judge",
+            required: false,
+            many: false,
+            kinds: &["model", "train"],
+        },
+    ],
+    uses_device: true,
+    build,
+    params_schema: params_schema::<EvaluateConfig>,
+};
+
+/// `evaluate`: held-out metrics, generations and judged win rates of each policy and of the
+/// reference, on the `test` split of `data`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateConfig {
+    /// Scale of the implicit rewards `beta * (log pi - log pi_ref)` (TRL's DPO `beta`).
+    #[serde(default = "d_beta")]
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub beta: f64,
+    /// Answer the test prompts (needed for win rates); off: log-prob metrics only.
+    #[serde(default = "d_true")]
+    pub generate: bool,
+    /// Most tokens per answer (also bounded by the model's context length).
+    #[serde(default = "d_max_new")]
+    #[schemars(range(min = 1))]
+    pub max_new_tokens: usize,
+    /// Sampling temperature, 0 (the default) for greedy decoding.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub temperature: f32,
+    /// Nucleus sampling, in (0, 1].
+    #[serde(default = "d_top_p")]
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
+    pub top_p: f32,
+    /// Answer at most this many test prompts (the first ones in file order; default: all).
+    #[serde(default)]
+    pub max_prompts: Option<usize>,
+    /// Seed of sampling (default: the pipeline's seed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_true() -> bool {
+    true
+}
+fn d_max_new() -> usize {
+    64
+}
+fn d_top_p() -> f32 {
+    1.0
+}
+
+struct Evaluate {
+    cfg: EvaluateConfig,
+}
+
+fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
+    let mut cfg: EvaluateConfig = parse_config(params)?;
+    cfg.seed = Some(cfg.seed.unwrap_or(ctx.pipeline_seed));
+    if !(cfg.beta > 0.0 && cfg.beta.is_finite()) {
+        user_bail!("`beta` must be a positive number, got {}", cfg.beta);
+    }
+    if cfg.max_new_tokens == 0 {
+        user_bail!("`max_new_tokens` must be at least 1");
+    }
+    if cfg.max_prompts == Some(0) {
+        user_bail!("`max_prompts` must be at least 1 (leave it out for every test prompt)");
+    }
+    options(&cfg).validate()?;
+    if ctx.roles.iter().any(|r| r == "judge") && !cfg.generate {
+        user_bail!("a `judge` compares answers: it needs `generate: true`");
+    }
+    Ok(Box::new(Evaluate { cfg }))
+}
+
+fn options(cfg: &EvaluateConfig) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: cfg.max_new_tokens,
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        seed: cfg.seed.unwrap_or(0),
+        eos_token_id: None,
+    }
+}
+
+/// A model under evaluation: a policy or the reference.
+struct Entry<'a> {
+    art: &'a Artifact,
+    role: &'static str,
+}
+
+/// One answer to a test prompt.
+#[derive(Clone)]
+struct Answer {
+    ids: Vec<u32>,
+    text: String,
+}
+
+impl Stage for Evaluate {
+    fn params(&self) -> Value {
+        to_params(&self.cfg)
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<Value> {
+        let data = ctx.input("data")?;
+        let reference = ctx.input("reference")?;
+        let policies = ctx.inputs.get("policies").cloned().unwrap_or_default();
+        let judge = ctx.input_opt("judge");
+        let tokens = Tokens::open(data)?;
+        let all_rows = tokens.rows()?;
+        let test: Vec<usize> = (0..all_rows.len())
+            .filter(|&i| all_rows[i].split == "test")
+            .collect();
+        if test.is_empty() {
+            user_bail!(
+                "{} has no test rows: `evaluate` only ever uses held-out pairs (set `test_fraction` on the ingest stage)",
+                tokens.path().display()
+            );
+        }
+        let rows: Vec<&TokenRow> = test.iter().map(|&i| &all_rows[i]).collect();
+        let masks = tokens.masks()?.map(|(c, r)| {
+            (
+                test.iter().map(|&i| c[i].clone()).collect::<Vec<_>>(),
+                test.iter().map(|&i| r[i].clone()).collect::<Vec<_>>(),
+            )
+        });
+        let mut entries = vec![Entry {
+            art: reference,
+            role: "reference",
+        }];
+        for p in &policies {
+            check_same_vocabulary(p, reference)?;
+            entries.push(Entry {
+                art: p,
+                role: "policy",
+            });
+        }
+        if let Some(j) = judge {
+            check_same_vocabulary(j, reference)?;
+            self.refuse_oracle_judge(ctx, j, data, &policies)?;
+        }
+        let mut report: Vec<ReportRow> = Vec::new();
+
+        // 1. Held-out preference metrics (log-probs cached in the store like training's).
+        let ref_lp = ensure_test(ctx, reference, data, "reference")?;
+        for e in &entries {
+            let lp = if e.role == "reference" {
+                None
+            } else {
+                Some(ensure_test(ctx, e.art, data, "policy")?)
+            };
+            let lp = lp.as_ref().unwrap_or(&ref_lp);
+            let pairs: Vec<PairLogps> = (0..rows.len())
+                .map(|i| PairLogps {
+                    chosen: &lp.chosen[i],
+                    rejected: &lp.rejected[i],
+                    ref_chosen: &ref_lp.chosen[i],
+                    ref_rejected: &ref_lp.rejected[i],
+                    chosen_mask: masks.as_ref().map(|m| m.0[i].as_slice()),
+                    rejected_mask: masks.as_ref().map(|m| m.1[i].as_slice()),
+                })
+                .collect();
+            let mut figs = preference(&e.art.stage, e.role, &pairs, self.cfg.beta);
+            if e.role == "reference" {
+                // Against itself the implicit rewards are 0 by construction: only the
+                // reference-free figures say something about it.
+                figs.retain(|r| {
+                    r.metric.ends_with("logp_margin") || r.metric.ends_with("logp_accuracy")
+                });
+            }
+            report.extend(figs);
+        }
+        report.extend(oracle_test_accuracy(ctx, data, &test)?);
+
+        // 2. Generations, 3. judged win rates.
+        let mut generations: BTreeMap<String, Vec<Answer>> = BTreeMap::new();
+        let n_prompts = self.cfg.max_prompts.unwrap_or(rows.len()).min(rows.len());
+        let prompts: Vec<&TokenRow> = rows[..n_prompts].to_vec();
+        if self.cfg.generate {
+            let device = crate::device::parse_device(ctx.device)
+                .map_err(|e| crate::error::user(e.to_string()))?;
+            let instructions = instructions(ctx, data, &prompts)?;
+            let dataset = dataset_name(ctx, data)?;
+            let gen_dir = ctx.out.join(Report::GENERATIONS);
+            std::fs::create_dir_all(&gen_dir)?;
+            for e in &entries {
+                let answers = self.answer(ctx, e.art, &prompts, &device)?;
+                let lens: Vec<f64> = answers.iter().map(|a| a.ids.len() as f64).collect();
+                let (mean, se, n) = mean_se(&lens);
+                report.push(row(
+                    &e.art.stage,
+                    e.role,
+                    "response_length_mean",
+                    mean,
+                    se,
+                    n,
+                ));
+                report.push(row(
+                    &e.art.stage,
+                    e.role,
+                    "response_length_median",
+                    median(&lens),
+                    None,
+                    n,
+                ));
+                let items: Vec<Value> = answers
+                    .iter()
+                    .zip(&instructions)
+                    .map(|(a, inst)| {
+                        json!({"instruction": inst, "output": a.text, "generator": e.art.stage, "dataset": dataset})
+                    })
+                    .collect();
+                let file = gen_dir.join(format!("{}.json", file_name(&e.art.stage)));
+                let mut text = serde_json::to_string_pretty(&items)?;
+                text.push('\n');
+                std::fs::write(&file, text)?;
+                generations.insert(e.art.stage.clone(), answers);
+            }
+            if let Some(j) = judge {
+                report.extend(self.judge(ctx, j, &entries, &prompts, &generations, &device)?);
+            }
+        }
+
+        // 4. Cost.
+        for p in &policies {
+            report.extend(cost(p)?);
+        }
+
+        Report::write(&report, ctx.out)?;
+        let title = format!("sepo evaluation: {}", ctx.stage);
+        std::fs::write(
+            ctx.out.join(Report::MARKDOWN),
+            report::markdown(&title, &report),
+        )?;
+        let figures = figures(&report, &generations, &policies)?;
+        let sections = key_view(data, reference)?;
+        let page = report::html(&title, &report, &figures, &sections)?;
+        std::fs::write(ctx.out.join(Report::HTML), page)?;
+        for line in report::markdown(&title, &report)
+            .lines()
+            .skip(2)
+            .take(entries.len() + 2)
+        {
+            ctx.progress.log(format!("         {line}"));
+        }
+        Ok(json!({
+            "test_pairs": rows.len(),
+            "prompts_answered": if self.cfg.generate { n_prompts } else { 0 },
+            "models": entries.len(),
+            "judge": judge.map(|j| j.stage.clone()),
+        }))
+    }
+}
+
+fn row(
+    model: &str,
+    role: &str,
+    metric: &str,
+    value: f64,
+    stderr: Option<f64>,
+    n: usize,
+) -> ReportRow {
+    ReportRow {
+        policy: model.to_string(),
+        role: role.to_string(),
+        metric: metric.to_string(),
+        value,
+        stderr,
+        n: n as i64,
+    }
+}
+
+/// A stage name as a file name: characters other than letters, digits and `._@=,-` become `_`.
+fn file_name(stage: &str) -> String {
+    stage
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._@=,-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The oracle's accuracy on the test split alone, when `data` is a `select` stage: the `score`
+/// stage's own figure mixes in the rows the oracle was trained on.
+fn oracle_test_accuracy(
+    ctx: &RunContext,
+    data: &Artifact,
+    test: &[usize],
+) -> Result<Vec<ReportRow>> {
+    if data.kind != "select" {
+        return Ok(Vec::new());
+    }
+    let path = Tokens::open(data)?.path().to_path_buf();
+    let df = pq::read(&path)?;
+    let r = pq::Reader {
+        df: &df,
+        file: &path,
+    };
+    let (c, rj) = (r.opt_f64("chosen_reward")?, r.opt_f64("rejected_reward")?);
+    let acc: Vec<f64> = test
+        .iter()
+        .map(|&i| match (c[i], rj[i]) {
+            (Some(a), Some(b)) => f64::from(a > b),
+            _ => f64::NAN,
+        })
+        .collect();
+    let (value, se, n) = mean_se(&acc);
+    let name = match ctx.upstream_one(data, "scores")? {
+        Some(s) => ctx
+            .upstream_one(&s, "oracle")?
+            .map_or("oracle".into(), |o| o.stage),
+        None => "oracle".into(),
+    };
+    // The paper's Figure 1: how concentrated the oracle's reward gap is (the share of a pair's
+    // tokens that carries 80% of its chosen-minus-rejected reward), over the test pairs.
+    let (cs, rs) = (
+        r.f32_lists("chosen_scores")?,
+        r.f32_lists("rejected_scores")?,
+    );
+    let pick = |v: &[Vec<f32>]| test.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
+    let f1 = crate::keyview::figure1_share(&pick(&cs), &pick(&rs), 0.8);
+    Ok(vec![
+        row(&name, "oracle", "oracle_test_accuracy", value, se, n),
+        row(
+            &name,
+            "oracle",
+            "gap_share_80_mean",
+            f1.mean,
+            None,
+            f1.pairs_used,
+        ),
+        row(
+            &name,
+            "oracle",
+            "gap_share_80_median",
+            f1.median,
+            None,
+            f1.pairs_used,
+        ),
+    ])
+}
+
+/// The `tokenize` artifact behind `data` (itself, or behind a select's scores).
+fn tokenize_of(ctx: &RunContext, data: &Artifact) -> Result<Option<Artifact>> {
+    let mut a = data.clone();
+    for _ in 0..4 {
+        if a.kind == "tokenize" {
+            return Ok(Some(a));
+        }
+        let up = ctx
+            .upstream_one(&a, "scores")?
+            .or(ctx.upstream_one(&a, "data")?);
+        match up {
+            Some(u) => a = u,
+            None => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// The instruction of each prompt, as AlpacaEval wants it: the last user message of the pair in
+/// the `ingest` artifact behind the token data (matched by id).
+fn instructions(ctx: &RunContext, data: &Artifact, prompts: &[&TokenRow]) -> Result<Vec<String>> {
+    let pairs = match tokenize_of(ctx, data)? {
+        Some(t) => match ctx.upstream_one(&t, "data")? {
+            Some(ingest) if ingest.kind == "ingest" => Pairs::open(&ingest)?,
+            _ => Vec::new(),
+        },
+        None => Vec::new(),
+    };
+    let by_id: BTreeMap<&str, &crate::artifacts::Pair> =
+        pairs.iter().map(|p| (p.id.as_str(), p)).collect();
+    Ok(prompts
+        .iter()
+        .map(|r| {
+            by_id
+                .get(r.id.as_str())
+                .and_then(|p| p.prompt.iter().rev().find(|(role, _)| role == "user"))
+                .map(|(_, text)| text.clone())
+                .unwrap_or_else(|| r.id.clone())
+        })
+        .collect())
+}
+
+/// AlpacaEval's `dataset` field: the pipeline's data source (the ingest file's name).
+fn dataset_name(ctx: &RunContext, data: &Artifact) -> Result<String> {
+    let ingest = match tokenize_of(ctx, data)? {
+        Some(t) => ctx.upstream_one(&t, "data")?,
+        None => None,
+    };
+    Ok(ingest.map_or_else(|| data.stage.clone(), |i| i.stage))
+}
+
+impl Evaluate {
+    /// The model's answers to the prompts (decoded without special tokens).
+    fn answer(
+        &self,
+        ctx: &RunContext,
+        model: &Artifact,
+        prompts: &[&TokenRow],
+        device: &burn::tensor::Device,
+    ) -> Result<Vec<Answer>> {
+        let dir = ModelDir::of(model);
+        let lm: CausalLm = dir.load(device)?;
+        let tok = tokenizer_of(model)?;
+        let mut opts = options(&self.cfg);
+        opts.eos_token_id = tok.eos()?.map(|(_, id)| id);
+        let bar = ctx.progress.bar(
+            &format!("{} answers of {}", ctx.stage, model.stage),
+            prompts.len() as u64,
+            "prompts",
+        );
+        let mut out = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            // A prompt that fills the context leaves no room: answer nothing rather than abort.
+            let ids = if p.prompt_ids.len() >= lm.context_length() {
+                Vec::new()
+            } else {
+                lm.generate(&p.prompt_ids, &opts)?
+            };
+            let text = tok
+                .tokenizer()
+                .decode(&ids, true)
+                .map_err(|e| anyhow::anyhow!("decoding an answer of `{}`: {e}", model.stage))?;
+            out.push(Answer { ids, text });
+            bar.inc(1);
+        }
+        bar.finish();
+        Ok(out)
+    }
+
+    /// Refuses a judge that is (or shares rows with) an oracle that chose key tokens: such a
+    /// judge grades the policy on the very signal it was trained to follow.
+    fn refuse_oracle_judge(
+        &self,
+        ctx: &RunContext,
+        judge: &Artifact,
+        data: &Artifact,
+        policies: &[Artifact],
+    ) -> Result<()> {
+        let mut oracles: BTreeMap<String, Artifact> = BTreeMap::new();
+        let mut selects: Vec<Artifact> = vec![data.clone()];
+        for p in policies {
+            selects.extend(ctx.upstream(p, "data")?);
+        }
+        for s in selects.iter().filter(|s| s.kind == "select") {
+            for sc in ctx.upstream(s, "scores")? {
+                for o in ctx.upstream(&sc, "oracle")? {
+                    if o.hash == judge.hash {
+                        user_bail!(
+                            "the judge `{}` is the oracle that chose the key tokens (through `{}`): \
+                             it would grade the policy on the signal it was trained on. Judge with a \
+                             reward model or an implicit-reward model trained on other rows",
+                            judge.stage,
+                            s.stage
+                        );
+                    }
+                    oracles.insert(o.hash.clone(), o);
+                }
+            }
+        }
+        // A judge trained by sepo must not have seen the oracle's training rows either.
+        let Some(judge_rows) = trained_ids(ctx, judge)? else {
+            return Ok(());
+        };
+        for o in oracles.values() {
+            let Some(oracle_rows) = trained_ids(ctx, o)? else {
+                continue;
+            };
+            let shared = judge_rows.intersection(&oracle_rows).count();
+            if shared > 0 {
+                let seed = o
+                    .manifest
+                    .params
+                    .get("seed")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let fraction = o
+                    .manifest
+                    .params
+                    .get("data_fraction")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                user_bail!(
+                    "the judge `{}` was trained on {shared} of the {} pairs the oracle `{}` was trained on: \
+                     a judge must not share the oracle's rows. Train it on the others: \
+                     `data_fraction: {fraction}, data_complement: true, seed: {seed}` (the oracle's \
+                     fraction and seed) on the same data",
+                    judge.stage,
+                    oracle_rows.len(),
+                    o.stage
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Win rates of every model's answers against the reference's and against the data's chosen
+    /// answers, as scored by `judge`.
+    fn judge(
+        &self,
+        ctx: &RunContext,
+        judge: &Artifact,
+        entries: &[Entry],
+        prompts: &[&TokenRow],
+        generations: &BTreeMap<String, Vec<Answer>>,
+        device: &burn::tensor::Device,
+    ) -> Result<Vec<ReportRow>> {
+        let scorer = Judge::load(ctx, judge, device)?;
+        let seqs = |answers: &mut dyn Iterator<Item = &Vec<u32>>| -> Vec<(Vec<u32>, Vec<u32>)> {
+            prompts
+                .iter()
+                .zip(answers)
+                .map(|(p, a)| (p.prompt_ids.clone(), a.clone()))
+                .collect()
+        };
+        let chosen_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.chosen_ids.clone()).collect();
+        let chosen_scores = scorer.score(&seqs(&mut chosen_ids.iter()))?;
+        // How far to trust the judge: its own accuracy on the same held-out pairs.
+        let rejected_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.rejected_ids.clone()).collect();
+        let rejected_scores = scorer.score(&seqs(&mut rejected_ids.iter()))?;
+        let acc: Vec<f64> = chosen_scores
+            .iter()
+            .zip(&rejected_scores)
+            .map(|(c, r)| f64::from(c > r))
+            .collect();
+        let (a, a_se, a_n) = mean_se(&acc);
+        let mut out = vec![row(
+            &judge.stage,
+            "judge",
+            "judge_test_accuracy",
+            a,
+            a_se,
+            a_n,
+        )];
+        let reference = entries[0].art.stage.as_str();
+        let ref_answers = &generations[reference];
+        let ref_ids: Vec<Vec<u32>> = ref_answers.iter().map(|a| a.ids.clone()).collect();
+        let ref_scores = scorer.score(&seqs(&mut ref_ids.iter()))?;
+        for e in entries {
+            let answers = &generations[&e.art.stage];
+            let ids: Vec<Vec<u32>> = answers.iter().map(|a| a.ids.clone()).collect();
+            let scores = if e.role == "reference" {
+                ref_scores.clone()
+            } else {
+                scorer.score(&seqs(&mut ids.iter()))?
+            };
+            let (js, _, jn) = mean_se(&scores.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            out.push(row(&e.art.stage, e.role, "judge_score_mean", js, None, jn));
+            let mut versus = vec![("chosen", &chosen_ids, &chosen_scores)];
+            if e.role != "reference" {
+                versus.insert(0, ("reference", &ref_ids, &ref_scores));
+            }
+            for (name, opp_ids, opp_scores) in versus {
+                let duels: Vec<Duel> = (0..ids.len())
+                    .map(|i| Duel {
+                        score: scores[i] as f64,
+                        opponent_score: opp_scores[i] as f64,
+                        len: ids[i].len(),
+                        opponent_len: opp_ids[i].len(),
+                        same: ids[i] == opp_ids[i],
+                    })
+                    .collect();
+                let w: WinRate = win_rate(&duels);
+                let n = duels.len();
+                let m = |k: &str| format!("{k}_vs_{name}");
+                let stage = e.art.stage.as_str();
+                out.push(row(stage, e.role, &m("win_rate"), w.rate, w.stderr, n));
+                out.push(row(
+                    stage,
+                    e.role,
+                    &m("lc_win_rate"),
+                    w.lc_rate,
+                    w.lc_stderr,
+                    n,
+                ));
+                out.push(row(stage, e.role, &m("wins"), w.wins as f64, None, n));
+                out.push(row(stage, e.role, &m("losses"), w.losses as f64, None, n));
+                out.push(row(stage, e.role, &m("ties"), w.ties as f64, None, n));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The ids of the pairs a `train` artifact was trained on (its data's train split, narrowed by
+/// its `data_fraction`, `data_complement` and `seed`); `None` for a model that sepo did not train.
+fn trained_ids(ctx: &RunContext, a: &Artifact) -> Result<Option<BTreeSet<String>>> {
+    if a.kind != "train" {
+        return Ok(None);
+    }
+    let Some(data) = ctx.upstream_one(a, "data")? else {
+        return Ok(None);
+    };
+    let p = &a.manifest.params;
+    let fraction = p
+        .get("data_fraction")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    let complement = p
+        .get("data_complement")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let seed = p.get("seed").and_then(Value::as_u64).unwrap_or(0);
+    let rows = Tokens::open(&data)?.rows()?;
+    let train: Vec<&TokenRow> = rows.iter().filter(|r| r.split == "train").collect();
+    let picked = crate::train::rows::pick_rows(train.len(), fraction, complement, seed);
+    Ok(Some(picked.iter().map(|&i| train[i].id.clone()).collect()))
+}
+
+/// A judge: scores a (prompt, answer) pair; higher is better.
+enum Judge {
+    /// A reward model (`*ForSequenceClassification`): its score of prompt + answer, read where
+    /// transformers reads it.
+    Reward {
+        model: Box<RewardModel>,
+        device: burn::tensor::Device,
+    },
+    /// An implicit-reward model: `log pi_judge(answer) - log pi_judge_ref(answer)`, summed.
+    // Models are boxed: a judge is one value per stage, and the variants differ a lot in size.
+    Implicit {
+        model: Box<CausalLm>,
+        reference: Box<CausalLm>,
+        device: burn::tensor::Device,
+    },
+}
+
+impl Judge {
+    fn load(ctx: &RunContext, judge: &Artifact, device: &burn::tensor::Device) -> Result<Judge> {
+        let dir = ModelDir::of(judge);
+        if is_reward_model(dir.path())? {
+            return Ok(Judge::Reward {
+                model: Box::new(RewardModel::load(dir.path(), device)?),
+                device: device.clone(),
+            });
+        }
+        let Some(jref) = ctx.upstream_one(judge, "reference")? else {
+            user_bail!(
+                "judge `{}`: a judge is a reward model (a `*ForSequenceClassification` folder, or a \
+                 `train` stage with `objective: reward`) or an implicit-reward model (a DPO-trained \
+                 `train` stage with a `reference` input: its rewards are log pi - log pi_ref); \
+                 `{}` is neither",
+                judge.stage,
+                judge.stage
+            );
+        };
+        Ok(Judge::Implicit {
+            model: Box::new(ModelDir::of(judge).load(device)?),
+            reference: Box::new(ModelDir::of(&jref).load(device)?),
+            device: device.clone(),
+        })
+    }
+
+    fn score(&self, seqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<f32>> {
+        match self {
+            Judge::Reward { model, device } => {
+                let seqs: Vec<Vec<u32>> = seqs
+                    .iter()
+                    .map(|(p, a)| p.iter().chain(a).copied().collect())
+                    .collect();
+                model.rewards(&seqs, device)
+            }
+            Judge::Implicit {
+                model,
+                reference,
+                device,
+            } => {
+                let a = model.response_logprobs(seqs, device)?;
+                let b = reference.response_logprobs(seqs, device)?;
+                Ok(a.iter()
+                    .zip(&b)
+                    .map(|(x, y)| x.iter().sum::<f32>() - y.iter().sum::<f32>())
+                    .collect())
+            }
+        }
+    }
+}
+
+/// What training a policy cost, from its artifact: optimizer steps, tokens processed, wall time,
+/// and (when the train stage recorded them) the tokens that carried loss and their share of the
+/// response tokens.
+fn cost(policy: &Artifact) -> Result<Vec<ReportRow>> {
+    let mut out = Vec::new();
+    if policy.kind != "train" {
+        return Ok(out);
+    }
+    let stage = policy.stage.as_str();
+    let path = policy.dir.join(METRICS_FILE);
+    let df = pq::read(&path)?;
+    let steps = df.height();
+    out.push(row(
+        stage,
+        "policy",
+        "train_steps",
+        steps as f64,
+        None,
+        steps,
+    ));
+    out.push(row(
+        stage,
+        "policy",
+        "train_wall_s",
+        policy.manifest.wall_time_s,
+        None,
+        steps,
+    ));
+    let stats = &policy.manifest.stats;
+    let num = |k: &str| stats.get(k).and_then(Value::as_f64);
+    if let Some(t) = num("tokens") {
+        out.push(row(stage, "policy", "train_tokens", t, None, steps));
+    }
+    if let (Some(l), Some(r)) = (num("loss_tokens"), num("response_tokens")) {
+        out.push(row(stage, "policy", "loss_tokens", l, None, steps));
+        out.push(row(
+            stage,
+            "policy",
+            "loss_token_share",
+            l / r.max(1.0),
+            None,
+            steps,
+        ));
+    }
+    Ok(out)
+}
+
+/// The key-token view of the test pairs (`sepo show P.yaml KEYS --html`'s page, embedded), when
+/// the data is a select stage: what the policy was trained to move, next to how it did.
+fn key_view(data: &Artifact, reference: &Artifact) -> Result<Vec<String>> {
+    if data.kind != "select" {
+        return Ok(Vec::new());
+    }
+    let mut view = crate::keyview::KeyView::from_artifact(data, &tokenizer_of(reference)?)?;
+    view.pairs.retain(|p| p.split == "test");
+    Ok(vec![format!(
+        "<h2>Key tokens of the test pairs</h2>\n{}",
+        crate::keyview::render_section(&view)?
+    )])
+}
+
+/// The report's plots: win rates (with 95% error bars), answer lengths, and each policy's
+/// training loss curve.
+fn figures(
+    report: &[ReportRow],
+    generations: &BTreeMap<String, Vec<Answer>>,
+    policies: &[Artifact],
+) -> Result<Vec<Figure>> {
+    let mut figs = Vec::new();
+    for versus in ["reference", "chosen"] {
+        let metric = format!("win_rate_vs_{versus}");
+        let bars: Vec<(String, f64, f64)> = report
+            .iter()
+            .filter(|r| r.metric == metric)
+            .map(|r| (r.policy.clone(), r.value, r.stderr.unwrap_or(0.0)))
+            .collect();
+        if !bars.is_empty() {
+            let title = format!("Judged win rate against the {versus}'s answer");
+            figs.push(Figure {
+                svg: crate::plot::win_rates(&title, &bars)?,
+                caption: title,
+            });
+        }
+    }
+    if !generations.is_empty() {
+        let groups: Vec<(String, Vec<f64>)> = generations
+            .iter()
+            .map(|(m, a)| (m.clone(), a.iter().map(|x| x.ids.len() as f64).collect()))
+            .collect();
+        let title = "Answer length (tokens)".to_string();
+        figs.push(Figure {
+            svg: crate::plot::lengths(&title, &groups)?,
+            caption: title,
+        });
+    }
+    let mut series = Vec::new();
+    for p in policies.iter().filter(|p| p.kind == "train") {
+        let path = p.dir.join(METRICS_FILE);
+        let df = pq::read(&path)?;
+        let r = pq::Reader {
+            df: &df,
+            file: &path,
+        };
+        let (step, loss) = (r.opt_f64("step")?, r.opt_f64("loss")?);
+        let points = step
+            .iter()
+            .zip(&loss)
+            .filter_map(|(s, l)| Some(((*s)?, (*l)?)))
+            .collect();
+        series.push((p.stage.clone(), points));
+    }
+    if !series.is_empty() {
+        let title = "Training loss per step".to_string();
+        figs.push(Figure {
+            svg: crate::plot::loss_curves(&title, &series)?,
+            caption: title,
+        });
+    }
+    Ok(figs)
+}
