@@ -2,6 +2,9 @@
 //! an independent implementation: held-out preference metrics ([`metrics`]), judged win rates
 //! with a length-controlled variant ([`winrate`]), and the report files ([`report`]).
 
+pub mod cost;
+pub mod figures;
+pub mod judge;
 pub mod metrics;
 pub mod report;
 pub mod stats;

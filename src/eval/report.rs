@@ -24,6 +24,25 @@ pub const HEADLINE: &[&str] = &[
     "train_wall_s",
 ];
 
+/// One report row.
+pub fn row(
+    model: &str,
+    role: &str,
+    metric: &str,
+    value: f64,
+    stderr: Option<f64>,
+    n: usize,
+) -> ReportRow {
+    ReportRow {
+        policy: model.to_string(),
+        role: role.to_string(),
+        metric: metric.to_string(),
+        value,
+        stderr,
+        n: n as i64,
+    }
+}
+
 /// `value ± stderr` with a precision that suits the metric.
 pub fn format_value(r: &ReportRow) -> String {
     let digits = if r.metric.ends_with("_s")

@@ -4,7 +4,7 @@
 //! win rates against the reference's answer and the data's chosen answer, and what training cost.
 //! Writes `report.parquet`, `report.md`, `report.html` and `generations/<model>.json`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use schemars::JsonSchema;
@@ -14,17 +14,19 @@ use serde_json::{Value, json};
 use super::{
     BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
 };
-use crate::artifacts::model::{METRICS_FILE, check_same_vocabulary};
+use crate::artifacts::model::check_same_vocabulary;
 use crate::artifacts::{
     Artifact, ModelDir, Pairs, Report, ReportRow, TokenRow, Tokens, tokenizer_of,
 };
 use crate::data::parquet as pq;
+use crate::eval::cost::cost;
+use crate::eval::figures::{figures, key_view};
+use crate::eval::judge::{Judge, refuse_oracle_judge};
 use crate::eval::metrics::{PairLogps, preference};
-use crate::eval::report::{self, Figure};
+use crate::eval::report::{self, row};
 use crate::eval::stats::{mean_se, median};
 use crate::eval::winrate::{Duel, WinRate, win_rate};
 use crate::logprobs::ensure_test;
-use crate::model::reward::{RewardModel, is_reward_model};
 use crate::model::{CausalLm, GenerateOptions};
 use crate::user_bail;
 
@@ -194,7 +196,7 @@ impl Stage for Evaluate {
         }
         if let Some(j) = judge {
             check_same_vocabulary(j, reference)?;
-            self.refuse_oracle_judge(ctx, j, data, &policies)?;
+            refuse_oracle_judge(ctx, j, data, &policies)?;
         }
         let mut report: Vec<ReportRow> = Vec::new();
 
@@ -289,7 +291,11 @@ impl Stage for Evaluate {
             ctx.out.join(Report::MARKDOWN),
             report::markdown(&title, &report),
         )?;
-        let figures = figures(&report, &generations, &policies)?;
+        let lengths: BTreeMap<String, Vec<usize>> = generations
+            .iter()
+            .map(|(m, a)| (m.clone(), a.iter().map(|x| x.ids.len()).collect()))
+            .collect();
+        let figures = figures(&report, &lengths, &policies)?;
         let sections = key_view(data, reference)?;
         let page = report::html(&title, &report, &figures, &sections)?;
         std::fs::write(ctx.out.join(Report::HTML), page)?;
@@ -306,24 +312,6 @@ impl Stage for Evaluate {
             "models": entries.len(),
             "judge": judge.map(|j| j.stage.clone()),
         }))
-    }
-}
-
-fn row(
-    model: &str,
-    role: &str,
-    metric: &str,
-    value: f64,
-    stderr: Option<f64>,
-    n: usize,
-) -> ReportRow {
-    ReportRow {
-        policy: model.to_string(),
-        role: role.to_string(),
-        metric: metric.to_string(),
-        value,
-        stderr,
-        n: n as i64,
     }
 }
 
@@ -490,72 +478,6 @@ impl Evaluate {
         Ok(out)
     }
 
-    /// Refuses a judge that is (or shares rows with) an oracle that chose key tokens: such a
-    /// judge grades the policy on the very signal it was trained to follow.
-    fn refuse_oracle_judge(
-        &self,
-        ctx: &RunContext,
-        judge: &Artifact,
-        data: &Artifact,
-        policies: &[Artifact],
-    ) -> Result<()> {
-        let mut oracles: BTreeMap<String, Artifact> = BTreeMap::new();
-        let mut selects: Vec<Artifact> = vec![data.clone()];
-        for p in policies {
-            selects.extend(ctx.upstream(p, "data")?);
-        }
-        for s in selects.iter().filter(|s| s.kind == "select") {
-            for sc in ctx.upstream(s, "scores")? {
-                for o in ctx.upstream(&sc, "oracle")? {
-                    if o.hash == judge.hash {
-                        user_bail!(
-                            "the judge `{}` is the oracle that chose the key tokens (through `{}`): \
-                             it would grade the policy on the signal it was trained on. Judge with a \
-                             reward model or an implicit-reward model trained on other rows",
-                            judge.stage,
-                            s.stage
-                        );
-                    }
-                    oracles.insert(o.hash.clone(), o);
-                }
-            }
-        }
-        // A judge trained by sepo must not have seen the oracle's training rows either.
-        let Some(judge_rows) = trained_ids(ctx, judge)? else {
-            return Ok(());
-        };
-        for o in oracles.values() {
-            let Some(oracle_rows) = trained_ids(ctx, o)? else {
-                continue;
-            };
-            let shared = judge_rows.intersection(&oracle_rows).count();
-            if shared > 0 {
-                let seed = o
-                    .manifest
-                    .params
-                    .get("seed")
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let fraction = o
-                    .manifest
-                    .params
-                    .get("data_fraction")
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                user_bail!(
-                    "the judge `{}` was trained on {shared} of the {} pairs the oracle `{}` was trained on: \
-                     a judge must not share the oracle's rows. Train it on the others: \
-                     `data_fraction: {fraction}, data_complement: true, seed: {seed}` (the oracle's \
-                     fraction and seed) on the same data",
-                    judge.stage,
-                    oracle_rows.len(),
-                    o.stage
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// Win rates of every model's answers against the reference's and against the data's chosen
     /// answers, as scored by `judge`.
     fn judge(
@@ -642,218 +564,4 @@ impl Evaluate {
         }
         Ok(out)
     }
-}
-
-/// The ids of the pairs a `train` artifact was trained on (its data's train split, narrowed by
-/// its `data_fraction`, `data_complement` and `seed`); `None` for a model that sepo did not train.
-fn trained_ids(ctx: &RunContext, a: &Artifact) -> Result<Option<BTreeSet<String>>> {
-    if a.kind != "train" {
-        return Ok(None);
-    }
-    let Some(data) = ctx.upstream_one(a, "data")? else {
-        return Ok(None);
-    };
-    let p = &a.manifest.params;
-    let fraction = p
-        .get("data_fraction")
-        .and_then(Value::as_f64)
-        .unwrap_or(1.0);
-    let complement = p
-        .get("data_complement")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let seed = p.get("seed").and_then(Value::as_u64).unwrap_or(0);
-    let rows = Tokens::open(&data)?.rows()?;
-    let train: Vec<&TokenRow> = rows.iter().filter(|r| r.split == "train").collect();
-    let picked = crate::train::rows::pick_rows(train.len(), fraction, complement, seed);
-    Ok(Some(picked.iter().map(|&i| train[i].id.clone()).collect()))
-}
-
-/// A judge: scores a (prompt, answer) pair; higher is better.
-enum Judge {
-    /// A reward model (`*ForSequenceClassification`): its score of prompt + answer, read where
-    /// transformers reads it.
-    Reward {
-        model: Box<RewardModel>,
-        device: burn::tensor::Device,
-    },
-    /// An implicit-reward model: `log pi_judge(answer) - log pi_judge_ref(answer)`, summed.
-    // Models are boxed: a judge is one value per stage, and the variants differ a lot in size.
-    Implicit {
-        model: Box<CausalLm>,
-        reference: Box<CausalLm>,
-        device: burn::tensor::Device,
-    },
-}
-
-impl Judge {
-    fn load(ctx: &RunContext, judge: &Artifact, device: &burn::tensor::Device) -> Result<Judge> {
-        let dir = ModelDir::of(judge);
-        if is_reward_model(dir.path())? {
-            return Ok(Judge::Reward {
-                model: Box::new(RewardModel::load(dir.path(), device)?),
-                device: device.clone(),
-            });
-        }
-        let Some(jref) = ctx.upstream_one(judge, "reference")? else {
-            user_bail!(
-                "judge `{}`: a judge is a reward model (a `*ForSequenceClassification` folder, or a \
-                 `train` stage with `objective: reward`) or an implicit-reward model (a DPO-trained \
-                 `train` stage with a `reference` input: its rewards are log pi - log pi_ref); \
-                 `{}` is neither",
-                judge.stage,
-                judge.stage
-            );
-        };
-        Ok(Judge::Implicit {
-            model: Box::new(ModelDir::of(judge).load(device)?),
-            reference: Box::new(ModelDir::of(&jref).load(device)?),
-            device: device.clone(),
-        })
-    }
-
-    fn score(&self, seqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<f32>> {
-        match self {
-            Judge::Reward { model, device } => {
-                let seqs: Vec<Vec<u32>> = seqs
-                    .iter()
-                    .map(|(p, a)| p.iter().chain(a).copied().collect())
-                    .collect();
-                model.rewards(&seqs, device)
-            }
-            Judge::Implicit {
-                model,
-                reference,
-                device,
-            } => {
-                let a = model.response_logprobs(seqs, device)?;
-                let b = reference.response_logprobs(seqs, device)?;
-                Ok(a.iter()
-                    .zip(&b)
-                    .map(|(x, y)| x.iter().sum::<f32>() - y.iter().sum::<f32>())
-                    .collect())
-            }
-        }
-    }
-}
-
-/// What training a policy cost, from its artifact: optimizer steps, tokens processed, wall time,
-/// and (when the train stage recorded them) the tokens that carried loss and their share of the
-/// response tokens.
-fn cost(policy: &Artifact) -> Result<Vec<ReportRow>> {
-    let mut out = Vec::new();
-    if policy.kind != "train" {
-        return Ok(out);
-    }
-    let stage = policy.stage.as_str();
-    let path = policy.dir.join(METRICS_FILE);
-    let df = pq::read(&path)?;
-    let steps = df.height();
-    out.push(row(
-        stage,
-        "policy",
-        "train_steps",
-        steps as f64,
-        None,
-        steps,
-    ));
-    out.push(row(
-        stage,
-        "policy",
-        "train_wall_s",
-        policy.manifest.wall_time_s,
-        None,
-        steps,
-    ));
-    let stats = &policy.manifest.stats;
-    let num = |k: &str| stats.get(k).and_then(Value::as_f64);
-    if let Some(t) = num("tokens") {
-        out.push(row(stage, "policy", "train_tokens", t, None, steps));
-    }
-    if let (Some(l), Some(r)) = (num("loss_tokens"), num("response_tokens")) {
-        out.push(row(stage, "policy", "loss_tokens", l, None, steps));
-        out.push(row(
-            stage,
-            "policy",
-            "loss_token_share",
-            l / r.max(1.0),
-            None,
-            steps,
-        ));
-    }
-    Ok(out)
-}
-
-/// The key-token view of the test pairs (`sepo show P.yaml KEYS --html`'s page, embedded), when
-/// the data is a select stage: what the policy was trained to move, next to how it did.
-fn key_view(data: &Artifact, reference: &Artifact) -> Result<Vec<String>> {
-    if data.kind != "select" {
-        return Ok(Vec::new());
-    }
-    let mut view = crate::keyview::KeyView::from_artifact(data, &tokenizer_of(reference)?)?;
-    view.pairs.retain(|p| p.split == "test");
-    Ok(vec![format!(
-        "<h2>Key tokens of the test pairs</h2>\n{}",
-        crate::keyview::render_section(&view)?
-    )])
-}
-
-/// The report's plots: win rates (with 95% error bars), answer lengths, and each policy's
-/// training loss curve.
-fn figures(
-    report: &[ReportRow],
-    generations: &BTreeMap<String, Vec<Answer>>,
-    policies: &[Artifact],
-) -> Result<Vec<Figure>> {
-    let mut figs = Vec::new();
-    for versus in ["reference", "chosen"] {
-        let metric = format!("win_rate_vs_{versus}");
-        let bars: Vec<(String, f64, f64)> = report
-            .iter()
-            .filter(|r| r.metric == metric)
-            .map(|r| (r.policy.clone(), r.value, r.stderr.unwrap_or(0.0)))
-            .collect();
-        if !bars.is_empty() {
-            let title = format!("Judged win rate against the {versus}'s answer");
-            figs.push(Figure {
-                svg: crate::plot::win_rates(&title, &bars)?,
-                caption: title,
-            });
-        }
-    }
-    if !generations.is_empty() {
-        let groups: Vec<(String, Vec<f64>)> = generations
-            .iter()
-            .map(|(m, a)| (m.clone(), a.iter().map(|x| x.ids.len() as f64).collect()))
-            .collect();
-        let title = "Answer length (tokens)".to_string();
-        figs.push(Figure {
-            svg: crate::plot::lengths(&title, &groups)?,
-            caption: title,
-        });
-    }
-    let mut series = Vec::new();
-    for p in policies.iter().filter(|p| p.kind == "train") {
-        let path = p.dir.join(METRICS_FILE);
-        let df = pq::read(&path)?;
-        let r = pq::Reader {
-            df: &df,
-            file: &path,
-        };
-        let (step, loss) = (r.opt_f64("step")?, r.opt_f64("loss")?);
-        let points = step
-            .iter()
-            .zip(&loss)
-            .filter_map(|(s, l)| Some(((*s)?, (*l)?)))
-            .collect();
-        series.push((p.stage.clone(), points));
-    }
-    if !series.is_empty() {
-        let title = "Training loss per step".to_string();
-        figs.push(Figure {
-            svg: crate::plot::loss_curves(&title, &series)?,
-            caption: title,
-        });
-    }
-    Ok(figs)
 }
