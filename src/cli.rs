@@ -215,7 +215,10 @@ fn show(a: ShowArgs, out: &mut dyn Write) -> Result<i32> {
 }
 
 fn dag(a: DagArgs, out: &mut dyn Write) -> Result<i32> {
-    dag::write(out, &plan(&a.p)?, a.format).map(|()| 0)
+    // The graph needs no data: a configuration for a real run is checked before its downloads.
+    let pipeline = Pipeline::load_with(&a.p.pipeline, a.p.cache.as_deref(), &a.p.set)?;
+    let plan = Plan::without_files(pipeline, &crate::stages::REGISTRY)?;
+    dag::write(out, &plan, a.format).map(|()| 0)
 }
 
 fn gc(a: GcArgs, out: &mut dyn Write) -> Result<i32> {

@@ -33,7 +33,11 @@ pub fn text(out: &mut dyn Write, plan: &Plan) -> Result<()> {
             .iter()
             .map(|(role, ups)| format!("{role}={}", ups.join(",")))
             .collect();
-        let state = if s.fresh { "fresh" } else { "stale" };
+        let state = match (&s.missing, s.fresh) {
+            (Some(m), _) => format!("needs files: {m}"),
+            (None, true) => "fresh".into(),
+            (None, false) => "stale".into(),
+        };
         if ins.is_empty() {
             writeln!(out, "{} ({}, {state})", s.name, s.kind.kind)?;
         } else {

@@ -30,6 +30,9 @@ pub struct Planned {
     pub input_hashes: BTreeMap<String, Value>,
     pub external_files: Vec<FileEntry>,
     pub fresh: bool,
+    /// Only in a plan made with [`Plan::without_files`]: why the stage's external files could
+    /// not be hashed (not there yet). Its hash is then a placeholder, and so are its dependants'.
+    pub missing: Option<String>,
 }
 
 pub struct Plan {
@@ -48,7 +51,18 @@ pub struct Plan {
 impl Plan {
     /// Validates and hashes every stage, of the kinds `registry` lists. Reads data files only to
     /// hash them (with a stat cache).
-    pub fn new(mut pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
+    pub fn new(pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
+        Self::build(pipeline, registry, false)
+    }
+
+    /// Like [`Plan::new`], but a stage whose external files (data, model folders) are not there
+    /// is planned anyway, marked [`Planned::missing`]: `sepo dag` checks a configuration for a
+    /// real run (stage kinds, parameters, roles, graph) before its weights are downloaded.
+    pub fn without_files(pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
+        Self::build(pipeline, registry, true)
+    }
+
+    fn build(mut pipeline: Pipeline, registry: &'static Registry, lenient: bool) -> Result<Plan> {
         super::matrix::expand(&mut pipeline, registry)?;
         let fname = pipeline.file.display().to_string();
         let graph = Graph::build(&pipeline)?;
@@ -122,8 +136,21 @@ impl Plan {
                 inputs.insert(role.clone(), ups);
             }
             let mut external_files = Vec::new();
-            for f in stage.external_files().with_context(ctx)? {
+            let mut missing = None;
+            let files = match stage.external_files().with_context(ctx) {
+                Err(e) if lenient => {
+                    // The cause alone: the line already names the stage.
+                    missing = Some(e.root_cause().to_string());
+                    Vec::new()
+                }
+                r => r?,
+            };
+            for f in files {
                 if !f.is_file() {
+                    if lenient {
+                        missing = Some(format!("{}: not found", f.display()));
+                        continue;
+                    }
                     return Err(user(format!("{}: data file not found", f.display())))
                         .with_context(ctx);
                 }
@@ -135,8 +162,22 @@ impl Plan {
                     size,
                 });
             }
-            let file_hashes: Vec<String> =
+            let mut file_hashes: Vec<String> =
                 external_files.iter().map(|f| f.blake3.clone()).collect();
+            // A placeholder that no real content hashes to, and that taints every dependant.
+            let upstream_missing = decl
+                .inputs
+                .values()
+                .flat_map(|r| r.stages())
+                .find(|u| index.get(*u).is_some_and(|&i| planned[i].missing.is_some()));
+            if missing.is_none()
+                && let Some(u) = upstream_missing
+            {
+                missing = Some(format!("its input `{u}` needs files that are not there"));
+            }
+            if let Some(m) = &missing {
+                file_hashes.push(format!("missing: {m}"));
+            }
             let params = stage.params();
             let hash = stage_hash(&HashInput {
                 kind: kind.kind,
@@ -145,7 +186,7 @@ impl Plan {
                 inputs: &input_hashes,
                 files: &file_hashes,
             });
-            let fresh = store.is_fresh(kind.kind, &hash);
+            let fresh = missing.is_none() && store.is_fresh(kind.kind, &hash);
             index.insert(name.clone(), planned.len());
             planned.push(Planned {
                 name: name.clone(),
@@ -156,6 +197,7 @@ impl Plan {
                 input_hashes,
                 external_files,
                 fresh,
+                missing,
             });
         }
         hasher.save();
