@@ -17,12 +17,16 @@ pub enum TemplateName {
     Chatml,
     /// The `chat_template` of the tokenizer_config.json beside tokenizer.json (Jinja).
     Hf,
+    /// Anthropic HH-RLHF's transcript format: `\n\nHuman: ...` / `\n\nAssistant: ...` per turn
+    /// (a system message first, as its own paragraph), then `\n\nAssistant:`.
+    Hh,
 }
 
 /// A ready-to-render template.
 pub enum Template {
     None,
     Chatml,
+    Hh,
     Hf {
         env: Box<minijinja::Environment<'static>>,
         bos: String,
@@ -39,6 +43,7 @@ impl Template {
         Ok(match name {
             TemplateName::None => Template::None,
             TemplateName::Chatml => Template::Chatml,
+            TemplateName::Hh => Template::Hh,
             TemplateName::Hf => {
                 let cfg = tokenizer_config.ok_or_else(|| {
                     user("template `hf` needs a tokenizer_config.json beside tokenizer.json")
@@ -89,6 +94,18 @@ impl Template {
                     s.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
                 }
                 s.push_str("<|im_start|>assistant\n");
+                s
+            }
+            Template::Hh => {
+                let mut s = String::new();
+                for (role, content) in messages {
+                    match role.as_str() {
+                        "user" => s.push_str(&format!("\n\nHuman: {content}")),
+                        "assistant" => s.push_str(&format!("\n\nAssistant: {content}")),
+                        _ => s.push_str(&format!("\n\n{content}")),
+                    }
+                }
+                s.push_str("\n\nAssistant:");
                 s
             }
             Template::Hf { env, bos, eos } => {
@@ -186,6 +203,19 @@ mod tests {
         assert_eq!(
             Template::Chatml.render(&msgs()).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn hh_template_keeps_the_transcript_format() {
+        let msgs = vec![
+            ("user".to_string(), "Hi?".to_string()),
+            ("assistant".to_string(), "Hello.".to_string()),
+            ("user".to_string(), "Bye?".to_string()),
+        ];
+        assert_eq!(
+            Template::Hh.render(&msgs).unwrap(),
+            "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant:"
         );
     }
 

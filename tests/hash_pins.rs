@@ -56,8 +56,19 @@ fn hh_rlhf_pipeline_hashes_are_pinned() {
         hashes("pipelines/hh-rlhf.yaml"),
         pinned(&[
             ("pairs", "8b0a818d15f8d721b1ca"),
-            ("tok", "7842b2fda3fda69ab0e6"),
-            ("tokens", "2e0be3bf4bdb2ae8f942"),
+            ("tok", "18be5d55e42cf5fd5781"),
+            ("tokens", "70a5ef50f04f67a65557"),
+            ("base", "25a2a23398edaac016e9"),
+            ("ref", "1edeb79ace69768a7e02"),
+            ("oracle", "ee11ffc9015d1ff261d7"),
+            ("scores", "13de18028f189e6aaea5"),
+            ("keys", "9709eb09066d5cf03693"),
+            ("policy", "036e5d764a8306f2d987"),
+            ("dpo", "2daab53b35431432291b"),
+            ("ipo", "f00be107027353fa9de1"),
+            ("simpo", "d7748ef36a72cd15827c"),
+            ("judge", "34eb0f90f0fe8de0aa11"),
+            ("report", "05ec6d6857e355a865d2"),
         ])
     );
 }
