@@ -336,3 +336,51 @@ fn refusals_are_exit_2() {
     }
     assert!(!dir.path().join("keys.html").exists());
 }
+
+/// The evaluate report renders in the browser: the summary table with a row per model, the
+/// plots as SVG, and the embedded key-token view of the test pairs, its script run (tokens
+/// drawn, key tokens outlined).
+#[test]
+#[ignore = "needs chromium: run by .ci/run"]
+fn the_evaluate_report_renders_with_its_key_token_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = |m: &str| data(&format!("tests/fixtures/hf/{m}"));
+    let yaml = format!(
+        "stages:
+  pairs: {{kind: ingest, format: preference, path: {pairs}}}
+  tok: {{kind: tokenizer, path: {tok}}}
+  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 4096}}
+  llama: {{kind: model, from: {llama}}}
+  mistral: {{kind: model, from: {mistral}}}
+  rm: {{kind: model, from: {rm}}}
+  scores: {{kind: score, inputs: {{oracle: llama, reference: mistral, data: tokens}}}}
+  keys: {{kind: select, inputs: {{scores: scores}}}}
+  policy: {{kind: train, objective: sepo, inputs: {{model: mistral, data: keys}}, lr: 1e-3, batch_size: 2}}
+  report: {{kind: evaluate, inputs: {{policies: [policy], reference: mistral, data: keys, judge: rm}}, max_new_tokens: 4}}
+",
+        pairs = data("tests/fixtures/eval/pairs.jsonl"),
+        tok = hf("tiny-llama/tokenizer.json"),
+        llama = hf("tiny-llama"),
+        mistral = hf("tiny-mistral"),
+        rm = hf("tiny-llama-rm"),
+    );
+    let p = pipeline(dir.path(), &yaml);
+    let r = sepo(&["run", &p, "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = sepo(&["show", &p, "report", "--path"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let page = PathBuf::from(r.stdout.trim()).join("report.html");
+    let profile = tempfile::tempdir().unwrap();
+    let dom = run_chromium(
+        &format!("file://{}", page.display()),
+        &["--dump-dom"],
+        &profile.path().join("r"),
+    );
+    assert!(dom.contains("<tr data-model=\"policy\">"), "{dom}");
+    assert!(dom.contains("<tr data-model=\"mistral\">"), "{dom}");
+    // Win rates against the reference and against chosen, lengths, and the policy's loss.
+    assert_eq!(dom.matches("<svg").count(), 4, "{dom}");
+    // The key-token view of the 6 test pairs, drawn by its script.
+    assert!(dom.contains("6 pairs in this view."), "{dom}");
+    assert!(dom.matches("kv-key").count() > 1, "{dom}");
+}

@@ -204,3 +204,31 @@ fn refuses_data_without_a_test_split() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("has no test rows"), "{}", r.stderr);
 }
+
+/// Changing the key-token ratio reruns the selection, the SePO policy trained on it and the
+/// evaluation, nothing else (the oracle, its scores and the baselines stay).
+#[test]
+fn a_new_ratio_reruns_select_policy_and_evaluate_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "  scores: {kind: score, inputs: {oracle: llama, reference: mistral, data: tokens}}
+  keys: {kind: select, inputs: {scores: scores}, chosen_ratio: 0.3}
+  policy: {kind: train, objective: sepo, inputs: {model: mistral, data: keys}, lr: 1e-3, batch_size: 2}
+  dpo: {kind: train, objective: dpo, inputs: {model: mistral, reference: mistral, data: tokens}, lr: 1e-3, batch_size: 2}
+  eval: {kind: evaluate, inputs: {policies: [policy, dpo], reference: mistral, data: keys, judge: rm}, max_new_tokens: 2}
+";
+    let p = pipeline(dir.path(), &yaml(extra));
+    let r = sepo(&["run", &p, "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = sepo(&["status", &p, "--set", "keys.chosen_ratio=0.5", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let stale: Vec<String> = serde_json::from_str::<Vec<Value>>(&r.stdout)
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "stale")
+        .map(|s| s["stage"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stale, ["keys", "policy", "eval"]);
+    let r = sepo(&["run", &p, "--set", "keys.chosen_ratio=0.5"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("3 stage(s) run"), "{}", r.stderr);
+}
