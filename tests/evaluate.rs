@@ -232,3 +232,45 @@ fn a_new_ratio_reruns_select_policy_and_evaluate_only() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("3 stage(s) run"), "{}", r.stderr);
 }
+
+/// A prompt file's instructions are answered beside the test split, encoded as the data's
+/// prompts are: the same instruction gets the same answer as its test pair's prompt.
+#[test]
+fn a_prompt_file_is_answered_like_the_test_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("more.jsonl"),
+        "{\"instruction\": \"Tell me about tea.\"}\n\"Something new?\"\n",
+    )
+    .unwrap();
+    let p = pipeline(
+        dir.path(),
+        &yaml("").replace(
+            "max_new_tokens: 6}",
+            "max_new_tokens: 6, prompts: more.jsonl}",
+        ),
+    );
+    let r = sepo(&["run", &p, "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let text =
+        std::fs::read_to_string(path_of(&p, "report").join("generations/llama.json")).unwrap();
+    let items: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(items.len(), 6 + 2);
+    assert_eq!(items[6]["dataset"], "more.jsonl");
+    assert_eq!(items[7]["instruction"], "Something new?");
+    assert_eq!(items[6]["instruction"], items[0]["instruction"]);
+    assert_eq!(items[6]["output"], items[0]["output"]);
+    // The figures stay on the test split.
+    let report =
+        sepo::artifacts::Report::read(&path_of(&p, "report").join("report.parquet")).unwrap();
+    assert!(
+        report
+            .iter()
+            .filter(|r| r.metric == "response_length_mean")
+            .all(|r| r.n == 6)
+    );
+    // The file is an input: editing it reruns the stage.
+    std::fs::write(dir.path().join("more.jsonl"), "\"Other?\"\n").unwrap();
+    let r = sepo(&["run", &p]);
+    assert!(r.stderr.contains("1 stage(s) run"), "{}", r.stderr);
+}

@@ -6,6 +6,7 @@ pub mod cost;
 pub mod figures;
 pub mod judge;
 pub mod metrics;
+pub mod prompts;
 pub mod report;
 pub mod stats;
 pub mod winrate;

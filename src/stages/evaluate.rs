@@ -94,6 +94,11 @@ pub struct EvaluateConfig {
     /// Seed of sampling (default: the pipeline's seed).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// More prompts to answer, beside the test split (a JSON array or JSON lines of AlpacaEval
+    /// items `{"instruction": ...}` or strings): their answers go into `generations/` (for
+    /// judges run elsewhere), not into the report's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<String>,
 }
 
 fn d_beta() -> f64 {
@@ -111,6 +116,8 @@ fn d_top_p() -> f32 {
 
 struct Evaluate {
     cfg: EvaluateConfig,
+    /// The pipeline file's folder: `prompts` is relative to it.
+    base: std::path::PathBuf,
 }
 
 fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
@@ -129,7 +136,13 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
     if ctx.roles.iter().any(|r| r == "judge") && !cfg.generate {
         user_bail!("a `judge` compares answers: it needs `generate: true`");
     }
-    Ok(Box::new(Evaluate { cfg }))
+    if cfg.prompts.is_some() && !cfg.generate {
+        user_bail!("`prompts` are answered: they need `generate: true`");
+    }
+    Ok(Box::new(Evaluate {
+        cfg,
+        base: ctx.base_dir.to_path_buf(),
+    }))
 }
 
 fn options(cfg: &EvaluateConfig) -> GenerateOptions {
@@ -158,6 +171,15 @@ struct Answer {
 impl Stage for Evaluate {
     fn params(&self) -> Value {
         to_params(&self.cfg)
+    }
+
+    fn external_files(&self) -> Result<Vec<std::path::PathBuf>> {
+        Ok(self
+            .cfg
+            .prompts
+            .iter()
+            .map(|p| super::resolve(&self.base, p))
+            .collect())
     }
 
     fn run(&self, ctx: &RunContext) -> Result<Value> {
@@ -240,6 +262,10 @@ impl Stage for Evaluate {
                 .map_err(|e| crate::error::user(e.to_string()))?;
             let instructions = instructions(ctx, data, &prompts)?;
             let dataset = dataset_name(ctx, data)?;
+            let extra = match &self.cfg.prompts {
+                Some(p) => Some(self.extra_prompts(ctx, data, &super::resolve(&self.base, p))?),
+                None => None,
+            };
             let gen_dir = ctx.out.join(Report::GENERATIONS);
             std::fs::create_dir_all(&gen_dir)?;
             for e in &entries {
@@ -262,13 +288,19 @@ impl Stage for Evaluate {
                     None,
                     n,
                 ));
-                let items: Vec<Value> = answers
+                let mut items: Vec<Value> = answers
                     .iter()
                     .zip(&instructions)
                     .map(|(a, inst)| {
                         json!({"instruction": inst, "output": a.text, "generator": e.art.stage, "dataset": dataset})
                     })
                     .collect();
+                if let Some((name, texts, rows)) = &extra {
+                    let refs: Vec<&TokenRow> = rows.iter().collect();
+                    for (a, inst) in self.answer(ctx, e.art, &refs, &device)?.iter().zip(texts) {
+                        items.push(json!({"instruction": inst, "output": a.text, "generator": e.art.stage, "dataset": name}));
+                    }
+                }
                 let file = gen_dir.join(format!("{}.json", file_name(&e.art.stage)));
                 let mut text = serde_json::to_string_pretty(&items)?;
                 text.push('\n');
@@ -441,6 +473,42 @@ fn dataset_name(ctx: &RunContext, data: &Artifact) -> Result<String> {
 }
 
 impl Evaluate {
+    /// The `prompts` file: its name (AlpacaEval's `dataset`), its instructions, and each as a
+    /// prompt-only token row encoded as the data's `tokenize` stage encodes prompts.
+    fn extra_prompts(
+        &self,
+        ctx: &RunContext,
+        data: &Artifact,
+        path: &std::path::Path,
+    ) -> Result<(String, Vec<String>, Vec<TokenRow>)> {
+        let texts = crate::eval::prompts::read(path)?;
+        let Some(tokenize) = tokenize_of(ctx, data)? else {
+            user_bail!("`prompts`: no tokenize stage found behind `{}`", data.stage);
+        };
+        let template = serde_json::from_value(tokenize.manifest.params["template"].clone())
+            .map_err(|e| anyhow::anyhow!("{}: template: {e}", tokenize.stage))?;
+        let Some(tok) = ctx.upstream_one(&tokenize, "tokenizer")? else {
+            user_bail!("`prompts`: `{}` has no tokenizer input", tokenize.stage);
+        };
+        let ids = crate::eval::prompts::encode(&texts, template, &tokenizer_of(&tok)?)?;
+        let rows = ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, prompt_ids)| TokenRow {
+                id: format!("prompt-{}", i + 1),
+                split: "prompts".into(),
+                prompt_ids,
+                chosen_ids: Vec::new(),
+                rejected_ids: Vec::new(),
+                truncated: false,
+            })
+            .collect();
+        let name = path
+            .file_name()
+            .map_or_else(|| "prompts".into(), |n| n.to_string_lossy().into_owned());
+        Ok((name, texts, rows))
+    }
+
     /// The model's answers to the prompts (decoded without special tokens).
     fn answer(
         &self,
