@@ -139,7 +139,8 @@ fn misspelled_keys_and_wrong_types_are_rejected() {
             d["stages"]["ref"]["objective"] = json!("ppo")
         }),
         ("out of range", |d| {
-            d["stages"]["keys"]["rejected_ratio"] = json!(0)
+            // 0 is allowed (a one-sided selection); above 1 is not.
+            d["stages"]["keys"]["rejected_ratio"] = json!(1.5)
         }),
         ("unsupported activation", |d| {
             d["stages"]["base"]["config"]["hidden_act"] = json!("tanh")

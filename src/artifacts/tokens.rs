@@ -114,6 +114,11 @@ impl Scores {
         }
     }
 
+    /// The pair ids, per row.
+    pub fn ids(&self) -> Result<Vec<String>> {
+        self.reader().strings("id")
+    }
+
     /// The score of every chosen response token, per row.
     pub fn chosen(&self) -> Result<Vec<Vec<f32>>> {
         self.reader().f32_lists("chosen_scores")

@@ -97,7 +97,9 @@ pub struct EvaluateConfig {
     /// More prompts to answer, beside the test split (a JSON array or JSON lines of AlpacaEval
     /// items `{"instruction": ...}` or strings): their answers go into `generations/` (for
     /// judges run elsewhere), not into the report's figures.
+    // Left out of the canonical parameters when absent, so that adding it moved no stage hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = null))]
     pub prompts: Option<String>,
 }
 

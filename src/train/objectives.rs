@@ -194,8 +194,9 @@ pub fn simpo(
 /// loss_i  = -logsigmoid(u(y_w, m_w) - u(y_l, m_l) - margin)
 /// ```
 /// `token_logps_*` are the policy's per-token log-probs `[B, T]` (any padding), `mask_*` the key-token
-/// masks as 0/1 floats of the same shape (0 on padding). A row with no key token gets `u = 0`
-/// (the count is clamped to 1); selection guarantees at least one. Rewards: `u_w` and `u_l`.
+/// masks as 0/1 floats of the same shape (0 on padding). A row with no key token on a side (a
+/// `select` ratio of 0, a threshold no token passes) gets `u = 0` there (the count is clamped to
+/// 1): that side contributes nothing, and its tokens get zero gradient. Rewards: `u_w` and `u_l`.
 pub fn sepo(
     token_logps_chosen: Tensor<2>,
     mask_chosen: Tensor<2>,

@@ -574,3 +574,42 @@ fn bradley_terry_matches_its_formula() {
     // Strictly greater, as TRL: the tie (2.0 vs 2.0) is not a win.
     close("reward_accuracy", &[m.reward_accuracy], &[0.25], 0.0);
 }
+
+/// A side with no key token (`select`'s `chosen_ratio: 0` or `rejected_ratio: 0`, or a
+/// threshold nothing passes) contributes nothing: its `u` is 0, so the pair's loss is the other
+/// side's alone, and its tokens get exactly zero gradient. Nothing is NaN, even with `-inf`
+/// log-probs at positions no mask counts.
+#[test]
+fn sepo_side_without_key_tokens_contributes_nothing() {
+    let dev = device();
+    let ninf = f64::NEG_INFINITY;
+    let t2 = |v: Vec<f64>| Tensor::<2>::from_data(TensorData::new(v, [2, 3]), (&dev, DType::F64));
+    // Pair 0 keeps chosen tokens 0 and 1 and no rejected token; pair 1 the reverse, one rejected.
+    let lc = t2(vec![-1.0, -2.0, ninf, -0.5, -1.5, ninf]).require_grad();
+    let mc = t2(vec![1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    let lr = t2(vec![-2.5, ninf, -1.2, -0.9, -4.0, ninf]).require_grad();
+    let mr = t2(vec![0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+    let (gamma, margin) = (2.0, 0.3);
+    let out = sepo(lc.clone(), mc, lr.clone(), mr, gamma, margin);
+    let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+    // u_w = 2 * mean(-1, -2) = -3 and u_l = 0; then u_w = 0 and u_l = 2 * -0.9 = -1.8.
+    let z = [-3.0 - 0.0 - margin, 0.0 - -1.8 - margin];
+    let want = z.iter().map(|&z| -sigmoid(z).ln()).sum::<f64>() / 2.0;
+    close("loss", &vec_of(&out.loss), &[want], 1e-12);
+    close("u_chosen", &vec_of(&out.chosen_reward), &[-3.0, 0.0], 1e-12);
+    close(
+        "u_rejected",
+        &vec_of(&out.rejected_reward),
+        &[0.0, -1.8],
+        1e-12,
+    );
+    let grads = out.loss.backward();
+    let gc = vec_of(&lc.grad(&grads).unwrap());
+    let gr = vec_of(&lr.grad(&grads).unwrap());
+    // d loss / d z_i = -sigmoid(-z_i) / B; a key token's d z / d logp is +-gamma / (key count).
+    let g0 = -sigmoid(-z[0]) / 2.0 * gamma / 2.0;
+    let g1 = -sigmoid(-z[1]) / 2.0 * -gamma;
+    close("grad chosen", &gc, &[g0, g0, 0.0, 0.0, 0.0, 0.0], 1e-12);
+    close("grad rejected", &gr, &[0.0, 0.0, 0.0, g1, 0.0, 0.0], 1e-12);
+    assert!(gc.iter().chain(&gr).all(|g| g.is_finite()));
+}
