@@ -41,11 +41,11 @@ fn ultrafeedback_pipeline_hashes_are_pinned() {
             ("scores", "d2169c5ffad1a2061a83"),
             ("keys", "ca5b1e709b3e740421b7"),
             ("policy", "143d1163a300e1b691a4"),
-            ("dpo", "5117b298c1c41da20a29"),
-            ("ipo", "0b86daec5c2c911c5168"),
-            ("simpo", "fc64a28a24695b998d40"),
+            ("dpo", "527ba79c2a229ae3afc5"),
+            ("ipo", "5015f5a308f0f8ea9a9d"),
+            ("simpo", "359288c414c074d19555"),
             ("judge", "b06e6b54334767b7da95"),
-            ("report", "475628e52f7f4f83e4d3"),
+            ("report", "612eb33137bc4a791473"),
         ])
     );
 }
@@ -64,11 +64,11 @@ fn hh_rlhf_pipeline_hashes_are_pinned() {
             ("scores", "13de18028f189e6aaea5"),
             ("keys", "9709eb09066d5cf03693"),
             ("policy", "036e5d764a8306f2d987"),
-            ("dpo", "2daab53b35431432291b"),
-            ("ipo", "f00be107027353fa9de1"),
-            ("simpo", "d7748ef36a72cd15827c"),
+            ("dpo", "b04330e54884ea860458"),
+            ("ipo", "e96bb28de71e508f0d7e"),
+            ("simpo", "74743453b94ef37137be"),
             ("judge", "34eb0f90f0fe8de0aa11"),
-            ("report", "05ec6d6857e355a865d2"),
+            ("report", "b3fa1be53668c38b06da"),
         ])
     );
 }
