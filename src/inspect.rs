@@ -34,6 +34,7 @@ pub fn status(out: &mut dyn Write, plan: &Plan, json: bool) -> Result<()> {
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
     } else {
+        let w = plan.name_width();
         for s in &plan.stages {
             let (name, kind) = (&s.name, s.kind.kind);
             let why = crate::pipeline::why::why(plan, s, &last);
@@ -44,7 +45,7 @@ pub fn status(out: &mut dyn Write, plan: &Plan, json: bool) -> Result<()> {
             };
             writeln!(
                 out,
-                "{name:<16} {kind:<10} {:<6} {}{why}",
+                "{name:<w$} {kind:<10} {:<6} {}{why}",
                 state(s.fresh),
                 s.hash
             )?;
@@ -57,18 +58,19 @@ pub fn status(out: &mut dyn Write, plan: &Plan, json: bool) -> Result<()> {
 /// `CHANGED` line per problem). Returns how many artifacts changed.
 pub fn verify(out: &mut dyn Write, plan: &Plan) -> Result<usize> {
     let mut bad = 0;
+    let w = plan.name_width();
     for s in &plan.stages {
         if !s.fresh {
-            writeln!(out, "{:<16} missing", s.name)?;
+            writeln!(out, "{:<w$} missing", s.name)?;
             continue;
         }
         let problems = plan.store.verify(s.kind.kind, &s.hash)?;
         if problems.is_empty() {
-            writeln!(out, "{:<16} ok", s.name)?;
+            writeln!(out, "{:<w$} ok", s.name)?;
         } else {
             bad += 1;
             for pr in problems {
-                writeln!(out, "{:<16} CHANGED {pr}", s.name)?;
+                writeln!(out, "{:<w$} CHANGED {pr}", s.name)?;
             }
         }
     }

@@ -252,3 +252,36 @@ fn the_schema_accepts_a_matrix_on_every_stage() {
     assert!(!valid(&train.replace("seed: [1, 2]", "seed: 1")));
     assert!(!valid(&train.replace("seed: [1, 2]", "seed: [1, 1]")));
 }
+
+/// Long instance names widen the name column of `status` and `run --dry-run`: every line's kind
+/// starts at the same column.
+#[test]
+fn long_instance_names_keep_the_columns_aligned() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        dir.path(),
+        &small_yaml("")
+            .replace("max_len: 128", "matrix: {max_len: [32, 64]}")
+            .replace("tokens:", "tokens_with_a_long_name:"),
+    );
+    for args in [
+        vec!["status", p.as_str()],
+        vec!["run", p.as_str(), "--dry-run"],
+    ] {
+        let r = sepo(&args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let columns: Vec<usize> = r
+            .stdout
+            .lines()
+            .map(|l| {
+                ["ingest", "tokenizer", "tokenize"]
+                    .iter()
+                    .filter_map(|k| l.find(&format!(" {k} ")))
+                    .min()
+                    .unwrap_or_else(|| panic!("no kind in {l:?}"))
+            })
+            .collect();
+        assert_eq!(columns.len(), 4, "{}", r.stdout);
+        assert!(columns.iter().all(|&c| c == columns[0]), "{}", r.stdout);
+    }
+}

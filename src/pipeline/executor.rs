@@ -49,6 +49,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Width of the name column in `status`, `verify` and `run --dry-run`: the longest stage
+    /// name (matrix instances are long), at least 16 and at most 60 characters.
+    pub fn name_width(&self) -> usize {
+        self.stages
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .clamp(16, 60)
+    }
+
     /// Validates and hashes every stage, of the kinds `registry` lists. Reads data files only to
     /// hash them (with a stat cache).
     pub fn new(pipeline: Pipeline, registry: &'static Registry) -> Result<Plan> {
@@ -483,9 +494,10 @@ pub fn run_pipeline(
     }
     let report = result?;
     if opts.dry_run {
+        let w = plan.name_width();
         for (name, action) in &report {
             let s = plan.get(name)?;
-            writeln!(out, "{action:<6} {name:<16} {:<10} {}", s.kind.kind, s.hash)?;
+            writeln!(out, "{action:<6} {name:<w$} {:<10} {}", s.kind.kind, s.hash)?;
         }
     } else {
         let ran = report.iter().filter(|r| r.1 == "run").count();
