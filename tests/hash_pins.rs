@@ -55,20 +55,20 @@ fn hh_rlhf_pipeline_hashes_are_pinned() {
     assert_eq!(
         hashes("pipelines/hh-rlhf.yaml"),
         pinned(&[
-            ("pairs", "8b0a818d15f8d721b1ca"),
+            ("pairs", "6ef61f8aa1afe5a402f7"),
             ("tok", "18be5d55e42cf5fd5781"),
-            ("tokens", "70a5ef50f04f67a65557"),
+            ("tokens", "9170131798b1f6e5b746"),
             ("base", "25a2a23398edaac016e9"),
-            ("ref", "1edeb79ace69768a7e02"),
-            ("oracle", "ee11ffc9015d1ff261d7"),
-            ("scores", "13de18028f189e6aaea5"),
-            ("keys", "9709eb09066d5cf03693"),
-            ("policy", "036e5d764a8306f2d987"),
-            ("dpo", "b04330e54884ea860458"),
-            ("ipo", "e96bb28de71e508f0d7e"),
-            ("simpo", "74743453b94ef37137be"),
-            ("judge", "34eb0f90f0fe8de0aa11"),
-            ("report", "b3fa1be53668c38b06da"),
+            ("ref", "71221fc41432e34403d3"),
+            ("oracle", "9b941ebaefff9c4d47bb"),
+            ("scores", "bc8a387428ca80381bdc"),
+            ("keys", "9daa193fcc03d5404eb9"),
+            ("policy", "13eee9eba7499642c54c"),
+            ("dpo", "21744a1524277a9f6d83"),
+            ("ipo", "d2eead26b9f5b742ebb5"),
+            ("simpo", "f40a67cb980295d52985"),
+            ("judge", "40cad02810e4673160d7"),
+            ("report", "6b50b9af8c73273e404f"),
         ])
     );
 }
