@@ -3,6 +3,7 @@
 //! SimPO's reference-free view (length-normalized log-probs), and the same restricted to the key
 //! tokens of a `select` stage.
 
+use super::report::row;
 use super::stats::mean_se;
 use crate::artifacts::ReportRow;
 
@@ -54,14 +55,7 @@ pub fn preference(model: &str, role: &str, pairs: &[PairLogps], beta: f64) -> Ve
     let mut rows = Vec::new();
     let mut push = |metric: &str, xs: Vec<f64>| {
         let (value, stderr, n) = mean_se(&xs);
-        rows.push(ReportRow {
-            policy: model.to_string(),
-            role: role.to_string(),
-            metric: metric.to_string(),
-            value,
-            stderr,
-            n: n as i64,
-        });
+        rows.push(row(model, role, metric, value, stderr, n));
     };
     let with_masks = !pairs.is_empty() && pairs.iter().all(|p| p.chosen_mask.is_some());
     let passes: &[(&str, bool)] = if with_masks {
