@@ -260,6 +260,80 @@ impl CausalLm {
         Ok(out)
     }
 
+    /// [`CausalLm::generate`] for several prompts at once: one left-padded batch with a shared
+    /// key/value cache (each row positioned and masked as if alone, see
+    /// [`Decoder::forward_hidden_padded`]), each row sampled by its own [`Sampler`] seeded as
+    /// `generate` seeds it, so row `i` gets what `generate(&prompts[i], opts)` gets (up to float
+    /// rounding of the batched kernels). Rows that reach EOS or their budget stop; the batch
+    /// runs until every row has.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+    ) -> Result<Vec<Vec<u32>>> {
+        let vocab = self.config.vocab_size;
+        let mut budgets = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            if p.is_empty() {
+                bail!("generate: empty prompt (give at least a BOS token)");
+            }
+            if let Some(bad) = p.iter().find(|&&t| t as usize >= vocab) {
+                bail!("generate: token id {bad} is outside the vocabulary of {vocab}");
+            }
+            budgets.push(opts.new_token_budget(p.len(), self.context_length())?);
+        }
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let model = self.valid();
+        let device = model.device();
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let mut samplers: Vec<Sampler> = prompts.iter().map(|_| Sampler::new(opts)).collect();
+        let mut cache = KvCache::new();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        let mut done: Vec<bool> = budgets.iter().map(|&b| b == 0).collect();
+        // Padding is token 0 (any valid id: padding is never attended to).
+        let mut input: Vec<i64> = prompts
+            .iter()
+            .zip(&pads)
+            .flat_map(|(p, &pad)| std::iter::repeat_n(0i64, pad).chain(p.iter().map(|&t| t as i64)))
+            .collect();
+        let mut step_len = width;
+        while done.iter().any(|d| !d) {
+            let rows = prompts.len();
+            let ids = Tensor::<2, Int>::from_data(
+                TensorData::new(std::mem::take(&mut input), [rows, step_len]),
+                &device,
+            );
+            let hidden = model
+                .decoder
+                .forward_hidden_padded(ids, Some(&mut cache), Some(&pads));
+            let last = hidden.slice_dim(1, step_len - 1..step_len);
+            let logits = model
+                .decoder
+                .logits(last)
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow::anyhow!("reading logits back: {e:?}"))?;
+            for b in 0..rows {
+                let token = if done[b] {
+                    // A finished row is fed its last token again; its outputs are ignored.
+                    out[b].last().copied().unwrap_or(0)
+                } else {
+                    let t = samplers[b].pick(&logits[b * vocab..(b + 1) * vocab]);
+                    out[b].push(t);
+                    if opts.eos_token_id == Some(t) || out[b].len() >= budgets[b] {
+                        done[b] = true;
+                    }
+                    t
+                };
+                input.push(token as i64);
+            }
+            step_len = 1;
+        }
+        Ok(out)
+    }
+
     /// Number of parameters.
     pub fn param_count(&self) -> usize {
         self.num_params()

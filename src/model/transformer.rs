@@ -170,18 +170,36 @@ pub struct Decoder {
 impl Decoder {
     /// Hidden states after the final norm, `[batch, seq, hidden]`. With a cache, the inputs
     /// continue the cached positions and the cache is extended.
-    pub fn forward_hidden(
+    pub fn forward_hidden(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.forward_hidden_padded(ids, cache, None)
+    }
+
+    /// [`Decoder::forward_hidden`] for a left-padded batch: row `b` starts with `left_pad[b]`
+    /// padding tokens. Each row's real tokens get positions from 0 (transformers'
+    /// `position_ids = cumsum(attention_mask) - 1`) and never attend to its padding, so a row's
+    /// hidden states are those of the row alone. A padding position attends only to itself (a
+    /// query with every key masked would make NaN that the masked weights could not cancel).
+    pub fn forward_hidden_padded(
         &self,
         ids: Tensor<2, Int>,
         mut cache: Option<&mut KvCache>,
+        left_pad: Option<&[usize]>,
     ) -> Tensor<3> {
         let [batch, seq] = ids.dims();
         let device = ids.device();
         let past = cache.as_ref().map_or(0, |c| c.len);
         let sp = &self.spec;
         let mut x = embedding(self.embed.val(), ids);
-        let (cos, sin) = self.rope_tables(past, seq, &device);
-        let mask = sp.window.and_then(|w| window_mask(past, seq, w, &device));
+        let ((cos, sin), mask) = match left_pad {
+            Some(pads) => (
+                self.rope_tables_padded(past, seq, pads, &device),
+                Some(padding_mask(past, seq, pads, sp.window, &device)),
+            ),
+            None => (
+                self.rope_tables(past, seq, &device),
+                sp.window.and_then(|w| window_mask(past, seq, w, &device)),
+            ),
+        };
         if let Some(c) = cache.as_deref_mut()
             && c.layers.len() != self.blocks.len()
         {
@@ -260,12 +278,40 @@ impl Decoder {
     /// `rope(x) = x * cos + swap_halves(x) * sin_signed`, which is Hugging Face's
     /// `x * cos + rotate_half(x) * sin` term for term.
     fn rope_tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let positions: Vec<usize> = (start..start + len).collect();
+        self.rope_tables_at(&positions, 1, len, device)
+    }
+
+    /// Per-row tables `[batch, 1, len, rot_dim]` for a left-padded batch: row `b`'s position
+    /// `p` is `p - left_pad[b]` (0 on its padding).
+    fn rope_tables_padded(
+        &self,
+        start: usize,
+        len: usize,
+        pads: &[usize],
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let positions: Vec<usize> = pads
+            .iter()
+            .flat_map(|&pad| (start..start + len).map(move |p| p.saturating_sub(pad)))
+            .collect();
+        self.rope_tables_at(&positions, pads.len(), len, device)
+    }
+
+    /// `cos` and signed `sin` tables `[rows, 1, len, rot_dim]` for `positions` (`rows * len`).
+    fn rope_tables_at(
+        &self,
+        positions: &[usize],
+        rows: usize,
+        len: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
         let inv = &self.spec.inv_freq;
         let half = inv.len();
         let rot = 2 * half;
-        let mut cos = Vec::with_capacity(len * rot);
-        let mut sin = Vec::with_capacity(len * rot);
-        for p in start..start + len {
+        let mut cos = Vec::with_capacity(positions.len() * rot);
+        let mut sin = Vec::with_capacity(positions.len() * rot);
+        for &p in positions {
             let pos = p as f32;
             let freqs: Vec<f32> = inv.iter().map(|f| pos * f).collect();
             let c: Vec<f32> = freqs.iter().map(|&f| (f as f64).cos() as f32).collect();
@@ -275,8 +321,8 @@ impl Decoder {
             sin.extend(s.iter().map(|v| -v));
             sin.extend_from_slice(&s);
         }
-        let cos = Tensor::<4>::from_data(TensorData::new(cos, [1, 1, len, rot]), device);
-        let sin = Tensor::<4>::from_data(TensorData::new(sin, [1, 1, len, rot]), device);
+        let cos = Tensor::<4>::from_data(TensorData::new(cos, [rows, 1, len, rot]), device);
+        let sin = Tensor::<4>::from_data(TensorData::new(sin, [rows, 1, len, rot]), device);
         (cos, sin)
     }
 }
@@ -395,6 +441,34 @@ fn window_mask(
         TensorData::new(m, [1, 1, len, total]),
         device,
     ))
+}
+
+/// The attention mask of a left-padded batch, `[batch, 1, len, start + len]` (true = masked):
+/// causal, a row's padding keys hidden from its real queries, a padding query sees only itself,
+/// and a sliding window when the model has one (on positions relative to the row's start).
+fn padding_mask(
+    start: usize,
+    len: usize,
+    pads: &[usize],
+    window: Option<usize>,
+    device: &Device,
+) -> Tensor<4, Bool> {
+    let total = start + len;
+    let mut m = Vec::with_capacity(pads.len() * len * total);
+    for &pad in pads {
+        for qi in 0..len {
+            let q = start + qi;
+            for k in 0..total {
+                let masked = if q < pad {
+                    k != q
+                } else {
+                    k > q || k < pad || window.is_some_and(|w| q - k >= w)
+                };
+                m.push(masked);
+            }
+        }
+    }
+    Tensor::<4, Bool>::from_data(TensorData::new(m, [pads.len(), 1, len, total]), device)
 }
 
 /// A 2-D parameter from a host tensor.

@@ -116,6 +116,9 @@ fn d_top_p() -> f32 {
     1.0
 }
 
+/// Prompts answered together (one left-padded batch sharing a key/value cache).
+const GENERATE_BATCH: usize = 16;
+
 struct Evaluate {
     cfg: EvaluateConfig,
     /// The pipeline file's folder: `prompts` is relative to it.
@@ -529,20 +532,30 @@ impl Evaluate {
             prompts.len() as u64,
             "prompts",
         );
+        // Batches of prompts of similar length (little padding), answered together; a prompt
+        // that fills the context leaves no room: it gets an empty answer rather than an abort.
+        let mut order: Vec<usize> = (0..prompts.len())
+            .filter(|&i| prompts[i].prompt_ids.len() < lm.context_length())
+            .collect();
+        order.sort_by_key(|&i| prompts[i].prompt_ids.len());
+        let mut ids: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+        for chunk in order.chunks(GENERATE_BATCH) {
+            let batch: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|&i| prompts[i].prompt_ids.clone())
+                .collect();
+            for (&i, answer) in chunk.iter().zip(lm.generate_batch(&batch, &opts)?) {
+                ids[i] = answer;
+            }
+            bar.inc(chunk.len() as u64);
+        }
         let mut out = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            // A prompt that fills the context leaves no room: answer nothing rather than abort.
-            let ids = if p.prompt_ids.len() >= lm.context_length() {
-                Vec::new()
-            } else {
-                lm.generate(&p.prompt_ids, &opts)?
-            };
+        for ids in ids {
             let text = tok
                 .tokenizer()
                 .decode(&ids, true)
                 .map_err(|e| anyhow::anyhow!("decoding an answer of `{}`: {e}", model.stage))?;
             out.push(Answer { ids, text });
-            bar.inc(1);
         }
         bar.finish();
         Ok(out)
