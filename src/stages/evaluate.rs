@@ -265,10 +265,21 @@ impl Stage for Evaluate {
         if self.cfg.generate {
             let device = crate::device::parse_device(ctx.device)
                 .map_err(|e| crate::error::user(e.to_string()))?;
-            let instructions = instructions(ctx, data, &prompts)?;
-            let dataset = dataset_name(ctx, data)?;
+            // The artifacts behind the token data, looked up once: the tokenize stage (template
+            // and tokenizer for `prompts`) and the ingest stage (the instructions' text).
+            let tokenize = tokenize_of(ctx, data)?;
+            let ingest = match &tokenize {
+                Some(t) => ctx.upstream_one(t, "data")?.filter(|a| a.kind == "ingest"),
+                None => None,
+            };
+            let instructions = instructions(ingest.as_ref(), &prompts)?;
+            // AlpacaEval's `dataset` field: the ingest stage's name.
+            let dataset = ingest.as_ref().map_or(&data.stage, |i| &i.stage).clone();
             let extra = match &self.cfg.prompts {
-                Some(p) => Some(self.extra_prompts(ctx, data, &super::resolve(&self.base, p))?),
+                Some(p) => {
+                    let path = super::resolve(&self.base, p);
+                    Some(self.extra_prompts(ctx, tokenize.as_ref(), data, &path)?)
+                }
                 None => None,
             };
             let gen_dir = ctx.out.join(Report::GENERATIONS);
@@ -324,10 +335,8 @@ impl Stage for Evaluate {
 
         Report::write(&report, ctx.out)?;
         let title = format!("sepo evaluation: {}", ctx.stage);
-        std::fs::write(
-            ctx.out.join(Report::MARKDOWN),
-            report::markdown(&title, &report),
-        )?;
+        let markdown = report::markdown(&title, &report);
+        std::fs::write(ctx.out.join(Report::MARKDOWN), &markdown)?;
         let lengths: BTreeMap<String, Vec<usize>> = generations
             .iter()
             .map(|(m, a)| (m.clone(), a.iter().map(|x| x.ids.len()).collect()))
@@ -336,11 +345,7 @@ impl Stage for Evaluate {
         let sections = key_view(data, reference)?;
         let page = report::html(&title, &report, &figures, &sections)?;
         std::fs::write(ctx.out.join(Report::HTML), page)?;
-        for line in report::markdown(&title, &report)
-            .lines()
-            .skip(2)
-            .take(entries.len() + 2)
-        {
+        for line in markdown.lines().skip(2).take(entries.len() + 2) {
             ctx.progress.log(format!("         {line}"));
         }
         Ok(json!({
@@ -445,13 +450,10 @@ fn tokenize_of(ctx: &RunContext, data: &Artifact) -> Result<Option<Artifact>> {
 }
 
 /// The instruction of each prompt, as AlpacaEval wants it: the last user message of the pair in
-/// the `ingest` artifact behind the token data (matched by id).
-fn instructions(ctx: &RunContext, data: &Artifact, prompts: &[&TokenRow]) -> Result<Vec<String>> {
-    let pairs = match tokenize_of(ctx, data)? {
-        Some(t) => match ctx.upstream_one(&t, "data")? {
-            Some(ingest) if ingest.kind == "ingest" => Pairs::open(&ingest)?,
-            _ => Vec::new(),
-        },
+/// the `ingest` artifact behind the token data (matched by id); the pair's id when there is none.
+fn instructions(ingest: Option<&Artifact>, prompts: &[&TokenRow]) -> Result<Vec<String>> {
+    let pairs = match ingest {
+        Some(a) => Pairs::open(a)?,
         None => Vec::new(),
     };
     let by_id: BTreeMap<&str, &crate::artifacts::Pair> =
@@ -468,31 +470,23 @@ fn instructions(ctx: &RunContext, data: &Artifact, prompts: &[&TokenRow]) -> Res
         .collect())
 }
 
-/// AlpacaEval's `dataset` field: the pipeline's data source (the ingest file's name).
-fn dataset_name(ctx: &RunContext, data: &Artifact) -> Result<String> {
-    let ingest = match tokenize_of(ctx, data)? {
-        Some(t) => ctx.upstream_one(&t, "data")?,
-        None => None,
-    };
-    Ok(ingest.map_or_else(|| data.stage.clone(), |i| i.stage))
-}
-
 impl Evaluate {
     /// The `prompts` file: its name (AlpacaEval's `dataset`), its instructions, and each as a
     /// prompt-only token row encoded as the data's `tokenize` stage encodes prompts.
     fn extra_prompts(
         &self,
         ctx: &RunContext,
+        tokenize: Option<&Artifact>,
         data: &Artifact,
         path: &std::path::Path,
     ) -> Result<(String, Vec<String>, Vec<TokenRow>)> {
         let texts = crate::eval::prompts::read(path)?;
-        let Some(tokenize) = tokenize_of(ctx, data)? else {
+        let Some(tokenize) = tokenize else {
             user_bail!("`prompts`: no tokenize stage found behind `{}`", data.stage);
         };
         let template = serde_json::from_value(tokenize.manifest.params["template"].clone())
             .map_err(|e| anyhow::anyhow!("{}: template: {e}", tokenize.stage))?;
-        let Some(tok) = ctx.upstream_one(&tokenize, "tokenizer")? else {
+        let Some(tok) = ctx.upstream_one(tokenize, "tokenizer")? else {
             user_bail!("`prompts`: `{}` has no tokenizer input", tokenize.stage);
         };
         let ids = crate::eval::prompts::encode(&texts, template, &tokenizer_of(&tok)?)?;
