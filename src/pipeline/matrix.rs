@@ -364,19 +364,8 @@ fn apply_instance_set(
     fname: &str,
 ) -> Result<()> {
     let shown = clip(assignment);
-    // The longest instance name that, with its dot, starts the assignment: values may hold
-    // dots and `=` (`keys@chosen_ratio=0.3.rejected_ratio=0.2`).
-    let target = stages
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.instance.is_some())
-        .filter(|(_, s)| {
-            assignment
-                .strip_prefix(s.name.as_str())
-                .is_some_and(|r| r.starts_with('.'))
-        })
-        .max_by_key(|(_, s)| s.name.len())
-        .map(|(i, _)| i);
+    // Values may hold dots and `=`: the longest instance name that starts the assignment.
+    let target = super::spec::addressed_stage(stages, assignment, |s| s.instance.is_some());
     let Some(i) = target else {
         // What was probably meant as the stage: up to the last `.` before the last `=`.
         let lhs = assignment.rsplit_once('=').map_or(assignment, |(l, _)| l);

@@ -207,19 +207,7 @@ impl Pipeline {
         let fname = self.file.display().to_string();
         // The assignment is echoed in every error below; a huge value must not come back whole.
         let shown = clip(assignment);
-        // A declared stage whose name (with its dot) starts the assignment; the longest such,
-        // so that a name holding dots or `=` is still addressable.
-        let declared = self
-            .stages
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                assignment
-                    .strip_prefix(s.name.as_str())
-                    .is_some_and(|r| r.starts_with('.'))
-            })
-            .max_by_key(|(_, s)| s.name.len())
-            .map(|(i, _)| i);
+        let declared = addressed_stage(&self.stages, assignment, |_| true);
         let Some(i) = declared else {
             let stage = match assignment.split_once('=') {
                 Some((lhs, _)) => match lhs.split_once('.') {
@@ -489,6 +477,27 @@ pub fn yaml_to_json(v: &serde_yaml::Value, fname: &str) -> Result<Value> {
         }
         serde_yaml::Value::Tagged(t) => yaml_to_json(&t.value, fname)?,
     })
+}
+
+/// The stage a `--set` assignment addresses: among `stages` that pass `keep`, the one whose name
+/// followed by a dot starts the assignment, the longest such, so that a name holding dots or `=`
+/// (a matrix instance: `keys@chosen_ratio=0.3.rejected_ratio=0.2`) is still addressable.
+pub(super) fn addressed_stage(
+    stages: &[StageDecl],
+    assignment: &str,
+    keep: impl Fn(&StageDecl) -> bool,
+) -> Option<usize> {
+    stages
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| keep(s))
+        .filter(|(_, s)| {
+            assignment
+                .strip_prefix(s.name.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        })
+        .max_by_key(|(_, s)| s.name.len())
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]
