@@ -90,11 +90,15 @@ fn main() -> anyhow::Result<()> {
             .map(|i| {
                 let chosen = ids(SEQ - PROMPT, 100 + i);
                 let rejected = ids(SEQ - PROMPT, 200 + i);
-                let mask = |n: usize| (0..n).map(|t| t % 10 < 3).collect::<Vec<bool>>();
+                let mask = |n: usize| {
+                    (0..n)
+                        .map(|t| if t % 10 < 3 { 1.0 } else { 0.0 })
+                        .collect::<Vec<f32>>()
+                };
                 Example {
                     prompt: ids(PROMPT, i),
-                    chosen_mask: Some(mask(chosen.len())),
-                    rejected_mask: Some(mask(rejected.len())),
+                    chosen_weights: Some(mask(chosen.len())),
+                    rejected_weights: Some(mask(rejected.len())),
                     chosen,
                     rejected,
                     ref_chosen: -100.0,
@@ -115,6 +119,8 @@ fn main() -> anyhow::Result<()> {
             gamma: 1.0,
             margin: 0.0,
             label_smoothing: 0.0,
+            ipo_average: true,
+            rrhf_weight: 1.0,
             shuffle: false,
             group_by_length: false,
             seed: 0,

@@ -21,7 +21,7 @@ fn main() -> Result<()> {
     let seed: u64 = seed.parse().context("SEED must be an integer")?;
     let device = sepo::device::parse_device("cpu")?;
     let lm = CausalLm::load(Path::new(from), &device)?;
-    let rm = RewardModel::from_causal_lm(lm, seed)?;
+    let rm = RewardModel::from_causal_lm(lm, seed, None)?;
     rm.save(Path::new(out))?;
     ModelDir::at(Path::new(from)).copy_tokenizer_to(&ModelDir::at(Path::new(out)))?;
     println!("{out}: {} parameters", rm.param_count());

@@ -2,6 +2,7 @@
 //! content-hashed dataflow pipeline. The product contract is `SPEC.md`'s copy in the README.
 
 pub mod artifacts;
+pub mod bridge;
 pub mod cli;
 pub mod compare;
 pub mod data;

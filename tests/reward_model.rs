@@ -87,7 +87,7 @@ fn sepo_writes_the_committed_reward_folder() {
     let entry = &fx["models"]["sepo-rm"];
     let committed = repo().join(entry["dir"].as_str().unwrap());
     let lm = CausalLm::load(&repo().join(entry["from"].as_str().unwrap()), &cpu()).unwrap();
-    let rm = RewardModel::from_causal_lm(lm, entry["seed"].as_u64().unwrap()).unwrap();
+    let rm = RewardModel::from_causal_lm(lm, entry["seed"].as_u64().unwrap(), None).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let written = tmp.path().join("new");
     rm.save(&written).unwrap();
@@ -268,7 +268,7 @@ fn reward_training_first_loss_is_bradley_terry() {
     assert_eq!(chosen.len(), 6);
 
     let lm = CausalLm::load(&repo().join("tests/fixtures/hf/tiny-llama"), &cpu()).unwrap();
-    let initial = RewardModel::from_causal_lm(lm, 3).unwrap();
+    let initial = RewardModel::from_causal_lm(lm, 3, None).unwrap();
     let rc = initial.rewards(&chosen, &cpu()).unwrap();
     let rr = initial.rewards(&rejected, &cpu()).unwrap();
     let metrics = artifact(&p, "rm", &cache).join("metrics.parquet");

@@ -207,7 +207,10 @@ fn meaningless_configurations_exit_2() {
         ("mode: threshold", "needs `threshold`"),
         ("chosen_ratio: 0, rejected_ratio: 0", "both 0"),
         ("mode: top, seed: 3", "`mode: random` only"),
-        ("mode: weights", "unknown variant"),
+        ("mode: sideways", "unknown variant"),
+        ("mode: weights, weight_clip: [2, 1]", "lo <= hi"),
+        ("mode: all, mu: 2", "`mode: weights` only"),
+        ("span_overlap: 0.5", "`tokens` input"),
     ] {
         let y = yaml().replace(
             "all: {kind: select, inputs: {scores: scores}, mode: all}",

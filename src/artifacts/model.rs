@@ -10,6 +10,7 @@ use super::{Artifact, HfTokenizer};
 use crate::error::user;
 use crate::model::safetensors_io::WeightSource;
 use crate::model::{CONFIG_FILE, CausalLm, RewardModel};
+use crate::pipeline::stage::RunContext;
 use crate::user_bail;
 
 /// Beside its model, a `train` artifact holds its per-step metrics (Parquet) ...
@@ -138,6 +139,68 @@ pub fn check_same_vocabulary(a: &Artifact, b: &Artifact) -> Result<()> {
             } else {
                 ""
             }
+        );
+    }
+    Ok(())
+}
+
+/// The `tokenize` artifact whose token ids `data` (a tokenize, score or select artifact) holds:
+/// a select stage's `tokens` input when it re-expressed its masks in another tokenizer, else
+/// the data behind its scores.
+pub fn tokenize_behind(ctx: &RunContext, data: &Artifact) -> Result<Option<Artifact>> {
+    let next = match data.kind.as_str() {
+        "tokenize" => return Ok(Some(data.clone())),
+        "select" => match ctx.upstream_one(data, "tokens")? {
+            Some(t) => Some(t),
+            None => ctx.upstream_one(data, "scores")?,
+        },
+        "score" => ctx.upstream_one(data, "data")?,
+        _ => None,
+    };
+    match next {
+        Some(a) => tokenize_behind(ctx, &a),
+        None => Ok(None),
+    }
+}
+
+/// Refuses a model (a `model` or `train` artifact) whose tokenizer.json is not the one `data`
+/// was tokenized with: equal vocabulary sizes are not enough (two BPE vocabularies of the same
+/// size give the same ids different meanings). The files are compared as the tokenizers crate
+/// reads them (each loaded and serialized again), so a re-serialized copy of the same tokenizer
+/// passes. A model folder without tokenizer.json, or
+/// data whose tokenizer cannot be found, is left to the vocabulary-size check.
+pub fn check_tokenizer_matches(ctx: &RunContext, model: &Artifact, data: &Artifact) -> Result<()> {
+    let model_json = HfTokenizer::json_in(ModelDir::of(model).path());
+    if !model_json.is_file() {
+        return Ok(());
+    }
+    let Some(tokenize) = tokenize_behind(ctx, data)? else {
+        return Ok(());
+    };
+    let Some(tok) = ctx.upstream_one(&tokenize, "tokenizer")? else {
+        return Ok(());
+    };
+    let data_json = match tok.kind.as_str() {
+        "model" | "train" => HfTokenizer::json_in(ModelDir::of(&tok).path()),
+        _ => HfTokenizer::json_in(&tok.dir),
+    };
+    // Both through the tokenizers crate and back to JSON: the `tokenizer` stage re-serializes
+    // the file it reads, so the bytes (and even the JSON values: defaults written out) of two
+    // copies of one tokenizer may differ while their meaning does not.
+    let read = |p: &Path| -> Result<String> {
+        crate::tokenizer::load(p)?
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+    };
+    if read(&model_json)? != read(&data_json)? {
+        user_bail!(
+            "`{}`'s tokenizer.json differs from the tokenizer `{}` that `{}` was tokenized with \
+             (via `{}`): the same ids would mean different tokens. Tokenize the data with the \
+             model's tokenizer, or carry key tokens across with a select stage's `tokens:` input",
+            model.stage,
+            tok.stage,
+            data.stage,
+            tokenize.stage
         );
     }
     Ok(())

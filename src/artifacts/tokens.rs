@@ -25,6 +25,9 @@ pub struct TokenRow {
 /// The key-token masks of the chosen and of the rejected responses, one per row.
 pub type Masks = (Vec<Vec<bool>>, Vec<Vec<bool>>);
 
+/// The token weights of the chosen and of the rejected responses, one list per row.
+pub type Weights = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// The token columns of a `tokenize`, `score` or `select` artifact.
 pub struct Tokens {
     path: PathBuf,
@@ -63,7 +66,8 @@ impl Tokens {
     }
 
     /// The key-token masks (`chosen_mask`, `rejected_mask`) of a `select` artifact; `None` when
-    /// the file has no `chosen_mask`.
+    /// the file has no `chosen_mask`. A mask whose length differs from its response is exit 2
+    /// naming the row: a mask shifted against its tokens would train on the wrong ones.
     pub fn masks(&self) -> Result<Option<Masks>> {
         let df = pq::read(&self.path)?;
         let r = pq::Reader {
@@ -73,10 +77,58 @@ impl Tokens {
         if !r.has("chosen_mask") {
             return Ok(None);
         }
-        Ok(Some((
-            r.bool_lists("chosen_mask")?,
-            r.bool_lists("rejected_mask")?,
-        )))
+        let (c, rj) = (r.bool_lists("chosen_mask")?, r.bool_lists("rejected_mask")?);
+        self.check_lengths(&r, "chosen_mask", &c, "rejected_mask", &rj)?;
+        Ok(Some((c, rj)))
+    }
+
+    /// The token weights (`chosen_weights`, `rejected_weights`) of a `select` artifact written
+    /// by `mode: weights`; `None` when the file has none. Lengths are checked as for the masks.
+    pub fn weights(&self) -> Result<Option<Weights>> {
+        let df = pq::read(&self.path)?;
+        let r = pq::Reader {
+            df: &df,
+            file: &self.path,
+        };
+        if !r.has("chosen_weights") {
+            return Ok(None);
+        }
+        let (c, rj) = (
+            r.f32_lists("chosen_weights")?,
+            r.f32_lists("rejected_weights")?,
+        );
+        self.check_lengths(&r, "chosen_weights", &c, "rejected_weights", &rj)?;
+        Ok(Some((c, rj)))
+    }
+
+    /// Refuses a per-token list whose length differs from its response's, naming the row's id.
+    fn check_lengths<T>(
+        &self,
+        r: &pq::Reader,
+        chosen_col: &str,
+        chosen: &[Vec<T>],
+        rejected_col: &str,
+        rejected: &[Vec<T>],
+    ) -> Result<()> {
+        let ids = r.strings("id")?;
+        for (col, lists, ids_col) in [
+            (chosen_col, chosen, "chosen_ids"),
+            (rejected_col, rejected, "rejected_ids"),
+        ] {
+            let tokens = r.u32_lists(ids_col)?;
+            for (i, (l, t)) in lists.iter().zip(&tokens).enumerate() {
+                if l.len() != t.len() {
+                    user_bail!(
+                        "{}: row {i} (id `{}`): `{col}` has {} entries but `{ids_col}` has {} tokens",
+                        self.path.display(),
+                        ids.get(i).map_or("?", String::as_str),
+                        l.len(),
+                        t.len()
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes `rows` as the artifact in `out`.
@@ -207,4 +259,60 @@ pub fn read_tokens(path: &Path) -> Result<Vec<TokenRow>> {
             truncated: t[i],
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A selection file whose masks (or weights) are one entry short on a row.
+    fn selection(dir: &Path, chosen_mask: Vec<Vec<bool>>, chosen_weights: Vec<Vec<f32>>) -> Tokens {
+        let path = dir.join(Selection::FILE);
+        let mut df = pq::frame(vec![
+            pq::utf8("id", vec!["a".into(), "b".into()]),
+            pq::list("chosen_ids", &[vec![1u32, 2, 3], vec![4, 5]]),
+            pq::list("rejected_ids", &[vec![6u32], vec![7, 8]]),
+            pq::list("chosen_mask", &chosen_mask),
+            pq::list("rejected_mask", &[vec![true], vec![false, true]]),
+            pq::list("chosen_weights", &chosen_weights),
+            pq::list("rejected_weights", &[vec![1.0f32], vec![0.0, 2.0]]),
+        ])
+        .unwrap();
+        pq::write(&mut df, &path).unwrap();
+        Tokens { path }
+    }
+
+    #[test]
+    fn a_mask_or_weight_list_of_the_wrong_length_names_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let good_m = vec![vec![true, false, true], vec![false, true]];
+        let good_w = vec![vec![1.0f32, 0.0, 2.0], vec![0.0, 0.5]];
+        let ok = selection(dir.path(), good_m.clone(), good_w.clone());
+        assert_eq!(ok.masks().unwrap().unwrap().0, good_m);
+        assert_eq!(ok.weights().unwrap().unwrap().0, good_w);
+        let short_mask = selection(
+            dir.path(),
+            vec![good_m[0].clone(), vec![true]],
+            good_w.clone(),
+        );
+        let err = short_mask.masks().unwrap_err();
+        assert!(crate::error::is_user_error(&err));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("row 1 (id `b`)")
+                && msg.contains("`chosen_mask` has 1 entries")
+                && msg.contains("2 tokens"),
+            "{msg}"
+        );
+        let long_weights = selection(
+            dir.path(),
+            good_m,
+            vec![good_w[0].clone(), vec![1.0, 1.0, 1.0]],
+        );
+        let msg = long_weights.weights().unwrap_err().to_string();
+        assert!(
+            msg.contains("id `b`") && msg.contains("`chosen_weights` has 3 entries"),
+            "{msg}"
+        );
+    }
 }

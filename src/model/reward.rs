@@ -116,26 +116,31 @@ impl RewardModel {
     /// transformers' `_init_weights` draws a linear, `N(0, initializer_range)`, seeded by
     /// `seed`, the same on every backend.
     ///
-    /// The pad id: the LM's `pad_token_id`, else its (first) `eos_token_id`, the usual set-up of
-    /// TRL's RewardTrainer with a tokenizer that has no pad token (`pad_token = eos_token`).
+    /// The pad id: the LM's `pad_token_id`, else its (first) `eos_token_id`, else `end_token`
+    /// (its tokenizer's), the usual set-up of TRL's RewardTrainer with a tokenizer that has no
+    /// pad token (`pad_token = eos_token`).
     /// transformers needs one to score a batch, and it decides where a sequence is read: with
     /// pad == EOS, a trailing EOS (every `tokenize` response ends with one) is skipped and the
     /// score is read at the last response token before it. sepo applies the same rule when it
     /// trains and scores, so the saved folder gives the same rewards in transformers.
-    pub fn from_causal_lm(lm: CausalLm, seed: u64) -> Result<Self> {
+    pub fn from_causal_lm(lm: CausalLm, seed: u64, end_token: Option<u32>) -> Result<Self> {
         let CausalLm {
             mut decoder,
             mut config,
         } = lm;
+        // The config's pad id, else its EOS, else the tokenizer's end token (a fresh model from
+        // `config:` names none in its config.json).
         let pad = config
             .pad_token_id
             .as_ref()
             .or(config.eos_token_id.as_ref())
-            .and_then(TokenIds::first);
+            .and_then(TokenIds::first)
+            .or(end_token);
         let Some(pad) = pad else {
             user_bail!(
-                "the model's config has neither `pad_token_id` nor `eos_token_id`: a reward model \
-                 needs a pad id (transformers reads the score at the last token that is not one)"
+                "the model's config has neither `pad_token_id` nor `eos_token_id`, and its \
+                 tokenizer names no end token: a reward model needs a pad id (transformers reads \
+                 the score at the last token that is not one)"
             );
         };
         config.pad_token_id = Some(TokenIds::One(pad));

@@ -210,6 +210,9 @@ impl Stage for Evaluate {
                 test.iter().map(|&i| r[i].clone()).collect::<Vec<_>>(),
             )
         });
+        // Every model reads the data's token ids: the vocabulary size alone does not prove they
+        // mean the same tokens (checked once, on the reference; the others must equal it).
+        crate::artifacts::model::check_tokenizer_matches(ctx, reference, data)?;
         let mut entries = vec![Entry {
             art: reference,
             role: "reference",
@@ -267,7 +270,7 @@ impl Stage for Evaluate {
                 .map_err(|e| crate::error::user(e.to_string()))?;
             // The artifacts behind the token data, looked up once: the tokenize stage (template
             // and tokenizer for `prompts`) and the ingest stage (the instructions' text).
-            let tokenize = tokenize_of(ctx, data)?;
+            let tokenize = crate::artifacts::model::tokenize_behind(ctx, data)?;
             let ingest = match &tokenize {
                 Some(t) => ctx.upstream_one(t, "data")?.filter(|a| a.kind == "ingest"),
                 None => None,
@@ -429,24 +432,6 @@ fn oracle_test_accuracy(
             f1.pairs_used,
         ),
     ])
-}
-
-/// The `tokenize` artifact behind `data` (itself, or behind a select's scores).
-fn tokenize_of(ctx: &RunContext, data: &Artifact) -> Result<Option<Artifact>> {
-    let mut a = data.clone();
-    for _ in 0..4 {
-        if a.kind == "tokenize" {
-            return Ok(Some(a));
-        }
-        let up = ctx
-            .upstream_one(&a, "scores")?
-            .or(ctx.upstream_one(&a, "data")?);
-        match up {
-            Some(u) => a = u,
-            None => return Ok(None),
-        }
-    }
-    Ok(None)
 }
 
 /// The instruction of each prompt, as AlpacaEval wants it: the last user message of the pair in

@@ -70,6 +70,7 @@ impl Stage for Score {
             ctx.input("data")?,
         );
         check_same_vocabulary(oracle, reference)?;
+        crate::artifacts::model::check_tokenizer_matches(ctx, oracle, data)?;
         let lo = ensure(ctx, oracle, data, "oracle")?;
         let lr = ensure(ctx, reference, data, "reference")?;
         let diff = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<Vec<f32>> {

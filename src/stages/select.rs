@@ -12,8 +12,16 @@ use serde_json::{Value, json};
 use super::{
     BuildContext, Role, RunContext, Stage, StageKind, params_schema, parse_config, to_params,
 };
-use crate::artifacts::{Scores, Selection};
+use std::collections::HashMap;
+
+use polars::prelude::DataFrame;
+
+use crate::artifacts::model::tokenize_behind;
+use crate::artifacts::{Artifact, Pair, Pairs, Scores, Selection, Tokens, tokenizer_of};
+use crate::bridge;
 use crate::data::parquet as pq;
+use crate::error::user;
+use crate::tokenizer::HfTokenizer;
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -21,12 +29,22 @@ pub static KIND: StageKind = StageKind {
     // Still 1: every parameter added since is left out of the canonical form at its default, and
     // the default (`top`) writes the same masks as before.
     version: "1",
-    roles: &[Role {
-        name: "scores",
-        required: true,
-        many: false,
-        kinds: &["score"],
-    }],
+    roles: &[
+        Role {
+            name: "scores",
+            required: true,
+            many: false,
+            kinds: &["score"],
+        },
+        // The policy's own tokenization of the same pairs, when its tokenizer is not the
+        // oracle's: the masks are carried across by character spans (`crate::bridge`).
+        Role {
+            name: "tokens",
+            required: false,
+            many: false,
+            kinds: &["tokenize"],
+        },
+    ],
     uses_device: false,
     build,
     params_schema: params_schema::<SelectConfig>,
@@ -49,6 +67,11 @@ pub enum SelectMode {
     Bottom,
     /// Chosen tokens scored >= `threshold`, rejected tokens scored <= -`threshold`.
     Threshold,
+    /// No hard choice: every token, each with a weight from its score (TIS-DPO's clipped
+    /// exponential), written as `chosen_weights` / `rejected_weights`.
+    Weights,
+    /// Another name for `bottom` (the paper's wording); it hashes as `bottom`.
+    Reverse,
 }
 
 impl SelectMode {
@@ -63,6 +86,8 @@ impl SelectMode {
             SelectMode::All => "all",
             SelectMode::Bottom => "bottom",
             SelectMode::Threshold => "threshold",
+            SelectMode::Weights => "weights",
+            SelectMode::Reverse => "reverse",
         }
     }
 }
@@ -74,9 +99,10 @@ impl SelectMode {
 #[serde(deny_unknown_fields)]
 pub struct SelectConfig {
     /// top: the chosen answer's highest-scored tokens and the rejected answer's lowest; random:
-    /// as many tokens as `top`, drawn uniformly (seeded); all: every token; bottom: the inverse
-    /// of `top`; threshold: chosen tokens scored >= `threshold`, rejected tokens scored <=
-    /// -`threshold`.
+    /// as many tokens as `top`, drawn uniformly (seeded); all: every token; bottom (or reverse):
+    /// the inverse of `top`; threshold: chosen tokens scored >= `threshold`, rejected tokens
+    /// scored <= -`threshold`; weights: every token with a weight, chosen clamp(exp(mu * s), lo,
+    /// hi), rejected clamp(exp(-mu * s), lo, hi).
     // The parameters below `rejected_ratio` are left out of the canonical form at their
     // defaults, so that adding them moved no stage hash.
     #[serde(default, skip_serializing_if = "SelectMode::is_top")]
@@ -105,7 +131,30 @@ pub struct SelectConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = null))]
     pub seed: Option<u64>,
+    /// `mode: weights`: the scale of the score in the exponent (default 1; refused in the other
+    /// modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = null))]
+    pub mu: Option<f64>,
+    /// `mode: weights`: the weights' clip bounds `[lo, hi]`, 0 <= lo <= hi, hi > 0 (default
+    /// [0, 5]; refused in the other modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = null))]
+    pub weight_clip: Option<[f64; 2]>,
+    /// With a `tokens` input: the share of a policy token's characters that must be key
+    /// characters for it to be a key token, in (0, 1] (default 0.5; refused without `tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = null))]
+    pub span_overlap: Option<f64>,
 }
+
+/// `mode: weights`'s defaults: TIS-DPO's form `exp(mu * s)` with mu 1, clipped to [0, 5] so
+/// that one extreme score cannot dominate a response.
+const DEFAULT_MU: f64 = 1.0;
+const DEFAULT_CLIP: [f64; 2] = [0.0, 5.0];
+/// A policy token is key when at least half of its characters are key characters: each
+/// boundary then errs by less than one token either way.
+const DEFAULT_SPAN_OVERLAP: f64 = 0.5;
 
 fn default_ratio() -> f64 {
     0.3
@@ -117,13 +166,28 @@ struct Select {
 
 fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
     Ok(Box::new(Select {
-        cfg: configure(params, ctx.pipeline_seed)?,
+        cfg: configure(
+            params,
+            ctx.pipeline_seed,
+            ctx.roles.iter().any(|r| r == "tokens"),
+        )?,
     }))
 }
 
-/// The checked config, `seed` resolved for `mode: random`.
-fn configure(params: &Value, pipeline_seed: u64) -> Result<SelectConfig> {
+/// The checked config, `seed` resolved for `mode: random`, `mu` and `weight_clip` for `mode:
+/// weights`, `span_overlap` with a `tokens` input.
+fn configure(params: &Value, pipeline_seed: u64, has_tokens: bool) -> Result<SelectConfig> {
     let mut cfg: SelectConfig = parse_config(params)?;
+    if has_tokens {
+        let share = *cfg.span_overlap.get_or_insert(DEFAULT_SPAN_OVERLAP);
+        if !(share > 0.0 && share <= 1.0) {
+            user_bail!("`span_overlap` must be in (0, 1], got {share}");
+        }
+    } else if cfg.span_overlap.is_some() {
+        user_bail!(
+            "`span_overlap` applies only with a `tokens` input (`inputs: {{tokens: <tokenize stage>}}`)"
+        );
+    }
     for (k, v) in [
         ("chosen_ratio", cfg.chosen_ratio),
         ("rejected_ratio", cfg.rejected_ratio),
@@ -135,6 +199,10 @@ fn configure(params: &Value, pipeline_seed: u64) -> Result<SelectConfig> {
     if cfg.chosen_ratio == 0.0 && cfg.rejected_ratio == 0.0 {
         user_bail!("`chosen_ratio` and `rejected_ratio` are both 0: no token would be selected");
     }
+    if cfg.mode == SelectMode::Reverse {
+        // One artifact for one choice: `reverse` is `bottom` in the canonical form and the hash.
+        cfg.mode = SelectMode::Bottom;
+    }
     let mode = cfg.mode.name();
     match (cfg.mode, cfg.threshold) {
         (SelectMode::Threshold, None) => user_bail!("`mode: threshold` needs `threshold`"),
@@ -143,6 +211,27 @@ fn configure(params: &Value, pipeline_seed: u64) -> Result<SelectConfig> {
         }
         (SelectMode::Threshold, Some(_)) | (_, None) => {}
         (_, Some(_)) => user_bail!("`threshold` applies to `mode: threshold` only, not `{mode}`"),
+    }
+    if cfg.mode == SelectMode::Weights {
+        let mu = *cfg.mu.get_or_insert(DEFAULT_MU);
+        let [lo, hi] = *cfg.weight_clip.get_or_insert(DEFAULT_CLIP);
+        if !mu.is_finite() {
+            user_bail!("`mu` must be a finite number, got {mu}");
+        }
+        if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi && hi > 0.0) {
+            user_bail!(
+                "`weight_clip` must be [lo, hi] with 0 <= lo <= hi and hi > 0, got [{lo}, {hi}]"
+            );
+        }
+    } else {
+        for (k, set) in [
+            ("mu", cfg.mu.is_some()),
+            ("weight_clip", cfg.weight_clip.is_some()),
+        ] {
+            if set {
+                user_bail!("`{k}` applies to `mode: weights` only, not `{mode}`");
+            }
+        }
     }
     if cfg.mode == SelectMode::Random {
         // Resolved here, as `train` does, so the canonical form (and the hash) names the seed used.
@@ -160,6 +249,18 @@ pub fn keep_count(ratio: f64, eligible: usize) -> usize {
         return 0;
     }
     ((ratio * eligible as f64).floor() as usize).clamp(1, eligible)
+}
+
+/// `mode: weights`'s weight of each token of one response: TIS-DPO's clipped exponential of its
+/// score, `clamp(exp(mu * s), lo, hi)` for a chosen answer and `clamp(exp(-mu * s), lo, hi)` for
+/// a rejected one, so the tokens the oracle finds most telling (high in the chosen, low in the
+/// rejected answer) weigh most. Computed in f64.
+pub fn token_weights(scores: &[f32], mu: f64, clip: [f64; 2], chosen: bool) -> Vec<f32> {
+    let sign = if chosen { 1.0 } else { -1.0 };
+    scores
+        .iter()
+        .map(|&s| (sign * mu * f64::from(s)).exp().clamp(clip[0], clip[1]) as f32)
+        .collect()
 }
 
 /// The rule one response's mask follows (a [`SelectMode`] resolved for one side).
@@ -259,7 +360,8 @@ impl Select {
             SelectMode::Random => Rule::Random {
                 seed: response_seed(self.cfg.seed.unwrap_or(0), id, chosen),
             },
-            SelectMode::All => Rule::All,
+            SelectMode::All | SelectMode::Weights => Rule::All,
+            SelectMode::Reverse => unreachable!("configure() makes `reverse` `bottom`"),
             SelectMode::Threshold if chosen => Rule::AtLeast(t),
             SelectMode::Threshold => Rule::AtMost(-t),
         }
@@ -303,18 +405,38 @@ impl Stage for Select {
         let chosen = scores.chosen()?;
         let rejected = scores.rejected()?;
         let ids = scores.ids()?;
-        let mut df = scores.into_frame();
+        let df = scores.into_frame();
         let cm = self.side(&ids, &chosen, true)?;
         let rm = self.side(&ids, &rejected, false)?;
+        let weights = self.weights(&chosen, &cm, &rejected, &rm);
+        let mut choice = Choice {
+            chosen_scores: chosen,
+            rejected_scores: rejected,
+            chosen_mask: cm,
+            rejected_mask: rm,
+            weights,
+        };
+        let (mut df, bridged) = match ctx.input_opt("tokens") {
+            None => (df, Value::Null),
+            Some(tokens) => {
+                let (df, stats) = self.bridge(ctx, tokens, &ids, &mut choice)?;
+                (df, stats)
+            }
+        };
+        let (cm, rm) = (&choice.chosen_mask, &choice.rejected_mask);
         let count = |m: &[Vec<bool>]| {
             m.iter()
                 .map(|v| v.iter().filter(|b| **b).count())
                 .sum::<usize>()
         };
         let total = |m: &[Vec<bool>]| m.iter().map(Vec::len).sum::<usize>();
-        let (kc, tc, kr, tr) = (count(&cm), total(&cm), count(&rm), total(&rm));
-        df.with_column(pq::list("chosen_mask", &cm))?;
-        df.with_column(pq::list("rejected_mask", &rm))?;
+        let (kc, tc, kr, tr) = (count(cm), total(cm), count(rm), total(rm));
+        df.with_column(pq::list("chosen_mask", cm))?;
+        df.with_column(pq::list("rejected_mask", rm))?;
+        if let Some((cw, rw)) = &choice.weights {
+            df.with_column(pq::list("chosen_weights", cw))?;
+            df.with_column(pq::list("rejected_weights", rw))?;
+        }
         Selection::write(&mut df, ctx.out)?;
         let mode = self.cfg.mode.name();
         ctx.progress.log(format!(
@@ -322,12 +444,229 @@ impl Stage for Select {
             ctx.stage,
             100.0 * (kc + kr) as f64 / (tc + tr).max(1) as f64
         ));
-        Ok(json!({
+        let mut stats = json!({
             "pairs": cm.len(),
             "mode": mode,
             "chosen_kept": kc, "chosen_tokens": tc,
             "rejected_kept": kr, "rejected_tokens": tr,
-        }))
+        });
+        if !bridged.is_null() {
+            stats["bridge"] = bridged;
+        }
+        Ok(stats)
+    }
+}
+
+/// One side's per-response lists: scores, masks and (under `mode: weights`) weights.
+type PerResponse<T> = Vec<Vec<T>>;
+
+/// What `select` decided, row-aligned with its output: the scores, the masks and the weights.
+struct Choice {
+    chosen_scores: PerResponse<f32>,
+    rejected_scores: PerResponse<f32>,
+    chosen_mask: PerResponse<bool>,
+    rejected_mask: PerResponse<bool>,
+    weights: Option<(PerResponse<f32>, PerResponse<f32>)>,
+}
+
+impl Select {
+    /// `mode: weights`'s weights of both sides, 0 wherever the mask is off (a ratio of 0, or the
+    /// first token under `skip_first`): what training multiplies in. `None` in the other modes.
+    fn weights(
+        &self,
+        chosen: &[Vec<f32>],
+        cm: &[Vec<bool>],
+        rejected: &[Vec<f32>],
+        rm: &[Vec<bool>],
+    ) -> Option<(PerResponse<f32>, PerResponse<f32>)> {
+        let (Some(mu), Some(clip)) = (self.cfg.mu, self.cfg.weight_clip) else {
+            return None;
+        };
+        let side = |scores: &[Vec<f32>], masks: &[Vec<bool>], is_chosen: bool| {
+            scores
+                .iter()
+                .zip(masks)
+                .map(|(s, m)| {
+                    token_weights(s, mu, clip, is_chosen)
+                        .into_iter()
+                        .zip(m)
+                        .map(|(w, &on)| if on { w } else { 0.0 })
+                        .collect()
+                })
+                .collect()
+        };
+        Some((side(chosen, cm, true), side(rejected, rm, false)))
+    }
+
+    /// Re-expresses `choice` (made on the oracle's tokens, rows `ids` of the scores) in the
+    /// tokens of `tokens`, a tokenize stage of the same pairs with another tokenizer, by
+    /// character spans (see [`crate::bridge`]). Returns the output frame (the `tokens` rows that
+    /// the scores also have, in `tokens`' order, with the carried scores and their sums) and the
+    /// manifest's `bridge` statistics; `choice` is replaced by the carried lists.
+    fn bridge(
+        &self,
+        ctx: &RunContext,
+        tokens: &Artifact,
+        ids: &[String],
+        choice: &mut Choice,
+    ) -> Result<(DataFrame, Value)> {
+        let share = self.cfg.span_overlap.unwrap_or(DEFAULT_SPAN_OVERLAP);
+        let scores_art = ctx.input("scores")?;
+        let side_of = |tokenize: &Artifact| -> Result<(HfTokenizer, u32, Vec<Pair>, String)> {
+            let tok_art = ctx.upstream_one(tokenize, "tokenizer")?.ok_or_else(|| {
+                user(format!("stage `{}` has no tokenizer input", tokenize.stage))
+            })?;
+            let hf = tokenizer_of(&tok_art)?;
+            let Some((_, eos)) = hf.eos()? else {
+                user_bail!("tokenizer `{}` names no eos_token", tok_art.stage);
+            };
+            let data = ctx
+                .upstream_one(tokenize, "data")?
+                .ok_or_else(|| user(format!("stage `{}` has no data input", tokenize.stage)))?;
+            Ok((hf, eos, Pairs::open(&data)?, tok_art.stage))
+        };
+        let Some(src_tokenize) = tokenize_behind(ctx, scores_art)? else {
+            user_bail!(
+                "cannot find the tokenize stage behind `{}`: the masks cannot be carried to `{}`",
+                scores_art.stage,
+                tokens.stage
+            );
+        };
+        let (src_tok, src_eos, src_pairs, src_name) = side_of(&src_tokenize)?;
+        let (dst_tok, dst_eos, dst_pairs, dst_name) = side_of(tokens)?;
+        let src_rows = Tokens::open(scores_art)?.rows()?;
+        let dst_rows = Tokens::open(tokens)?.rows()?;
+        let src_index: HashMap<&str, usize> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), i))
+            .collect();
+        let text = |pairs: &[Pair]| -> HashMap<String, (String, String)> {
+            pairs
+                .iter()
+                .map(|p| (p.id.clone(), (p.chosen.clone(), p.rejected.clone())))
+                .collect()
+        };
+        let (src_text, dst_text) = (text(&src_pairs), text(&dst_pairs));
+        let mut out = Choice {
+            chosen_scores: Vec::new(),
+            rejected_scores: Vec::new(),
+            chosen_mask: Vec::new(),
+            rejected_mask: Vec::new(),
+            weights: choice.weights.as_ref().map(|_| (Vec::new(), Vec::new())),
+        };
+        let mut kept_rows = Vec::new();
+        let mut dropped = 0usize;
+        let (mut src_key_bytes, mut dst_key_bytes) = (0usize, 0usize);
+        for row in &dst_rows {
+            let Some(&i) = src_index.get(row.id.as_str()) else {
+                dropped += 1;
+                continue;
+            };
+            let id = &row.id;
+            let (Some(st), Some(dt)) = (src_text.get(id), dst_text.get(id)) else {
+                user_bail!(
+                    "pair `{id}`: its text is missing from the ingest stage behind `{}` or `{}`",
+                    src_tokenize.stage,
+                    tokens.stage
+                );
+            };
+            if st != dt {
+                user_bail!(
+                    "pair `{id}`: the responses behind `{}` and behind `{}` differ: key tokens can only be carried between tokenizations of the same text",
+                    src_tokenize.stage,
+                    tokens.stage
+                );
+            }
+            for chosen in [true, false] {
+                let (side, text, src_ids, dst_ids) = if chosen {
+                    ("chosen", &st.0, &src_rows[i].chosen_ids, &row.chosen_ids)
+                } else {
+                    (
+                        "rejected",
+                        &st.1,
+                        &src_rows[i].rejected_ids,
+                        &row.rejected_ids,
+                    )
+                };
+                let src_spans = bridge::response_spans(src_tok.tokenizer(), text, src_ids, src_eos)
+                    .map_err(|e| {
+                        user(format!(
+                            "pair `{id}`, {side} response, tokenizer `{src_name}`: {e}"
+                        ))
+                    })?;
+                let dst_spans = bridge::response_spans(dst_tok.tokenizer(), text, dst_ids, dst_eos)
+                    .map_err(|e| {
+                        user(format!(
+                            "pair `{id}`, {side} response, tokenizer `{dst_name}`: {e}"
+                        ))
+                    })?;
+                let (scores, mask, target) = if chosen {
+                    (
+                        &choice.chosen_scores[i],
+                        &choice.chosen_mask[i],
+                        (&mut out.chosen_scores, &mut out.chosen_mask),
+                    )
+                } else {
+                    (
+                        &choice.rejected_scores[i],
+                        &choice.rejected_mask[i],
+                        (&mut out.rejected_scores, &mut out.rejected_mask),
+                    )
+                };
+                let carried = bridge::carry_mask(&src_spans, mask, &dst_spans, share);
+                let key_bytes = |spans: &[bridge::Span], m: &[bool]| -> usize {
+                    spans
+                        .iter()
+                        .zip(m)
+                        .filter(|(_, k)| **k)
+                        .filter_map(|(s, _)| s.map(|(a, b)| b - a))
+                        .sum()
+                };
+                src_key_bytes += key_bytes(&src_spans, mask);
+                dst_key_bytes += key_bytes(&dst_spans, &carried);
+                target
+                    .0
+                    .push(bridge::carry_scores(&src_spans, scores, &dst_spans));
+                target.1.push(carried);
+                if let (Some((cw, rw)), Some((ocw, orw))) = (&choice.weights, &mut out.weights) {
+                    let (w, o) = if chosen { (&cw[i], ocw) } else { (&rw[i], orw) };
+                    o.push(bridge::carry_weights(&src_spans, w, &dst_spans));
+                }
+            }
+            kept_rows.push(row.clone());
+        }
+        if kept_rows.is_empty() {
+            user_bail!(
+                "no pair of `{}` is among the scored pairs of `{}`: nothing to carry",
+                tokens.stage,
+                scores_art.stage
+            );
+        }
+        if dropped > 0 {
+            ctx.progress.log(format!(
+                "         {}: {dropped} pairs of `{}` have no scores in `{}` and were left out",
+                ctx.stage, tokens.stage, scores_art.stage
+            ));
+        }
+        let mut df = crate::artifacts::tokens::to_frame(&kept_rows)?;
+        let sums = |v: &[Vec<f32>]| -> Vec<f32> { v.iter().map(|s| s.iter().sum()).collect() };
+        df.with_column(pq::list("chosen_scores", &out.chosen_scores))?;
+        df.with_column(pq::list("rejected_scores", &out.rejected_scores))?;
+        df.with_column(pq::f32s("chosen_reward", sums(&out.chosen_scores)))?;
+        df.with_column(pq::f32s("rejected_reward", sums(&out.rejected_scores)))?;
+        *choice = out;
+        Ok((
+            df,
+            json!({
+                "from": src_tokenize.stage, "from_tokenizer": src_name,
+                "to": tokens.stage, "to_tokenizer": dst_name,
+                "span_overlap": share,
+                "dropped_pairs": dropped,
+                "key_bytes_before": src_key_bytes,
+                "key_bytes_after": dst_key_bytes,
+            }),
+        ))
     }
 }
 
@@ -347,7 +686,7 @@ mod tests {
     /// A stage with these parameters (pipeline seed 7), built as the engine builds it.
     fn stage(params: Value) -> Select {
         Select {
-            cfg: configure(&params, 7).unwrap(),
+            cfg: configure(&params, 7, false).unwrap(),
         }
     }
 
@@ -393,6 +732,74 @@ mod tests {
         assert_eq!(random["mode"], "random");
     }
 
+    /// `reverse` is `bottom` by another name: the same canonical form, so the same artifact.
+    #[test]
+    fn reverse_is_bottom() {
+        let reverse = to_params(&stage(json!({"mode": "reverse", "chosen_ratio": 0.2})).cfg);
+        let bottom = to_params(&stage(json!({"mode": "bottom", "chosen_ratio": 0.2})).cfg);
+        assert_eq!(reverse, bottom);
+        assert_eq!(reverse["mode"], "bottom");
+    }
+
+    /// `mode: weights` names its resolved `mu` and clip in the canonical form (so changing a
+    /// default later cannot silently reuse old artifacts), marks every token, and weighs each by
+    /// the clipped exponential of its score.
+    #[test]
+    fn weights_mode_by_hand() {
+        let cfg = to_params(&stage(json!({"mode": "weights"})).cfg);
+        assert_eq!(cfg["mu"], 1.0);
+        assert_eq!(cfg["weight_clip"], json!([0.0, 5.0]));
+        let s = [0.0f32, 1.0, -1.0, 3.0];
+        let w = token_weights(&s, 1.0, [0.0, 5.0], true);
+        let want = [1.0, 1f64.exp(), (-1f64).exp(), 5.0];
+        for (g, e) in w.iter().zip(want) {
+            assert!((f64::from(*g) - e).abs() < 1e-6, "{w:?}");
+        }
+        // The rejected side mirrors the exponent: low scores weigh most.
+        let r = token_weights(&s, 1.0, [0.0, 5.0], false);
+        assert!(
+            (f64::from(r[2]) - 1f64.exp()).abs() < 1e-6 && r[3] < 0.05,
+            "{r:?}"
+        );
+        let (mc, mr) = pair(&stage(json!({"mode": "weights"})), "x", &s, &s);
+        assert_eq!((kept(&mc), kept(&mr)), (4, 4));
+    }
+
+    /// The weight rule against `scripts/make_token_fixtures.py` (float64 torch from the formula),
+    /// with scores that overflow the exponent and hit both clip bounds.
+    #[test]
+    fn weights_match_the_fixture() {
+        let fx: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/token_losses.json")).unwrap();
+        let fx = &fx["tis_weights"];
+        let floats = |v: &Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let scores: Vec<f32> = floats(&fx["scores"]).iter().map(|&x| x as f32).collect();
+        for case in fx["cases"].as_array().unwrap() {
+            let (mu, lo, hi) = (
+                case["mu"].as_f64().unwrap(),
+                case["lo"].as_f64().unwrap(),
+                case["hi"].as_f64().unwrap(),
+            );
+            for (chosen, key) in [(true, "chosen_weights"), (false, "rejected_weights")] {
+                let got = token_weights(&scores, mu, [lo, hi], chosen);
+                for (i, (g, w)) in got.iter().zip(floats(&case[key])).enumerate() {
+                    // f32 output: relative 1e-6 of weights up to `hi`.
+                    assert!(
+                        (f64::from(*g) - w).abs() <= 1e-6 * w.abs().max(1.0),
+                        "mu {mu} [{lo}, {hi}] {key}[{i}] (score {}): got {g}, want {w}",
+                        scores[i]
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn configurations_that_cannot_mean_anything_are_refused() {
         for (params, says) in [
@@ -403,9 +810,23 @@ mod tests {
             (json!({"threshold": 0.5}), "`mode: threshold` only"),
             (json!({"mode": "all", "threshold": 0.5}), "not `all`"),
             (json!({"mode": "top", "seed": 3}), "`mode: random` only"),
-            (json!({"mode": "weights"}), "unknown variant"),
+            (json!({"mode": "sideways"}), "unknown variant"),
+            (json!({"mu": 2.0}), "`mode: weights` only"),
+            (
+                json!({"mode": "top", "weight_clip": [0, 1]}),
+                "`mode: weights` only",
+            ),
+            (
+                json!({"mode": "weights", "weight_clip": [2, 1]}),
+                "lo <= hi",
+            ),
+            (
+                json!({"mode": "weights", "weight_clip": [-1, 1]}),
+                "0 <= lo",
+            ),
+            (json!({"mode": "weights", "weight_clip": [0, 0]}), "hi > 0"),
         ] {
-            let err = configure(&params, 7).unwrap_err();
+            let err = configure(&params, 7, false).unwrap_err();
             assert!(crate::error::is_user_error(&err), "{params}: {err}");
             assert!(err.to_string().contains(says), "{params}: {err}");
         }
@@ -575,7 +996,15 @@ mod tests {
     #[test]
     fn ratio_zero_empties_its_side_in_every_mode() {
         let s = [0.5, -1.0, 2.0, 0.49];
-        for mode in ["top", "random", "all", "bottom", "threshold"] {
+        for mode in [
+            "top",
+            "random",
+            "all",
+            "bottom",
+            "reverse",
+            "threshold",
+            "weights",
+        ] {
             let mut p = json!({"mode": mode, "chosen_ratio": 0});
             if mode == "threshold" {
                 p["threshold"] = json!(-10.0);

@@ -96,6 +96,16 @@ pub struct TrainConfig {
     /// SePO's margin, SimPO's gamma: subtracted inside the sigmoid.
     #[serde(default)]
     pub margin: f64,
+    /// IPO on per-token averaged log-probs (true, TRL's form) or on their sums (false,
+    /// OpenRLHF's, which the paper's IPO numbers used); `ipo` only.
+    // Left out of the canonical parameters at its default, so that adding it moved no hash.
+    #[serde(default = "d_true", skip_serializing_if = "is_true")]
+    #[schemars(extend("default" = true))]
+    pub ipo_average: bool,
+    /// RRHF's weight on its ranking term (default 1); `rrhf` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("default" = null))]
+    pub rrhf_weight: Option<f64>,
     /// cDPO label smoothing: the assumed share of flipped preference labels, in [0, 0.5).
     #[serde(default)]
     #[schemars(range(min = 0), extend("exclusiveMaximum" = 0.5))]
@@ -148,6 +158,10 @@ fn d_gamma() -> f64 {
 fn d_fraction() -> f64 {
     1.0
 }
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 fn d_true() -> bool {
     true
 }
@@ -196,7 +210,7 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
     if cfg.beta <= 0.0
         && matches!(
             cfg.objective,
-            Objective::Dpo | Objective::Ipo | Objective::Simpo
+            Objective::Dpo | Objective::Ipo | Objective::Simpo | Objective::Wdpo
         )
     {
         user_bail!("`beta` must be positive for {obj}, got {}", cfg.beta);
@@ -209,12 +223,25 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
         user_bail!("objective `{obj}` uses no reference model: remove `inputs.reference`");
     }
     match (cfg.objective, ctx.role_kind("data")) {
-        (Objective::Sepo, Some(k)) if k != "select" => {
+        (o, Some(k)) if o.needs_selection() && k != "select" => {
             user_bail!(
-                "objective `sepo` trains on key tokens: `inputs.data` must be a select stage, not a `{k}` stage"
+                "objective `{obj}` trains on key tokens: `inputs.data` must be a select stage, not a `{k}` stage"
             )
         }
         _ => {}
+    }
+    if !cfg.ipo_average && cfg.objective != Objective::Ipo {
+        user_bail!("`ipo_average` applies to objective `ipo` only, not `{obj}`");
+    }
+    match (cfg.objective, cfg.rrhf_weight) {
+        (Objective::Rrhf, _) => {
+            let w = *cfg.rrhf_weight.get_or_insert(1.0);
+            if !(w >= 0.0 && w.is_finite()) {
+                user_bail!("`rrhf_weight` must be a non-negative number, got {w}");
+            }
+        }
+        (_, Some(_)) => user_bail!("`rrhf_weight` applies to objective `rrhf` only, not `{obj}`"),
+        (_, None) => {}
     }
     Ok(Box::new(Train { cfg }))
 }
@@ -235,6 +262,8 @@ impl Train {
             gamma: c.gamma,
             margin: c.margin,
             label_smoothing: c.label_smoothing,
+            ipo_average: c.ipo_average,
+            rrhf_weight: c.rrhf_weight.unwrap_or(1.0),
             shuffle: c.shuffle,
             group_by_length: c.group_by_length,
             seed: c.seed.unwrap_or(0),
@@ -255,22 +284,53 @@ impl Stage for Train {
         let tokens = Tokens::open(data)?;
         let path = tokens.path();
         let rows = tokens.rows()?;
-        let (masks_c, masks_r) = if spec.objective == Objective::Sepo {
-            let Some((c, r)) = tokens.masks()? else {
+        // Per-token weights of `sepo` and `wdpo`: the key-token mask as 0/1, times the weights
+        // of `mode: weights`.
+        let weights = if spec.objective.needs_selection() {
+            let Some((mc, mr)) = tokens.masks()? else {
                 user_bail!(
-                    "objective `sepo` needs key-token masks: {} has no `chosen_mask`",
+                    "objective `{}` needs key-token masks: {} has no `chosen_mask`",
+                    spec.objective.name(),
                     path.display()
                 );
             };
-            (Some(c), Some(r))
+            let (wc, wr) = tokens.weights()?.unwrap_or_else(|| {
+                let ones = |m: &[Vec<bool>]| m.iter().map(|v| vec![1.0; v.len()]).collect();
+                (ones(&mc), ones(&mr))
+            });
+            let times = |m: &[Vec<bool>], w: Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+                m.iter()
+                    .zip(w)
+                    .map(|(m, w)| {
+                        m.iter()
+                            .zip(w)
+                            .map(|(&on, w)| if on { w } else { 0.0 })
+                            .collect()
+                    })
+                    .collect()
+            };
+            Some((times(&mc, wc), times(&mr, wr)))
         } else {
-            (None, None)
+            None
         };
+        crate::artifacts::model::check_tokenizer_matches(ctx, model_in, data)?;
         let (ref_c, ref_r) = match ctx.input_opt("reference") {
             Some(reference) => {
                 check_same_vocabulary(model_in, reference)?;
                 let lp = ensure(ctx, reference, data, "reference")?;
-                (lp.chosen_sums(), lp.rejected_sums())
+                match (&weights, spec.objective) {
+                    // `wdpo` compares weighted sums: the reference's are weighted alike.
+                    (Some((wc, wr)), Objective::Wdpo) => {
+                        let dot = |lp: &[Vec<f32>], w: &[Vec<f32>]| -> Vec<f32> {
+                            lp.iter()
+                                .zip(w)
+                                .map(|(l, w)| l.iter().zip(w).map(|(l, w)| l * w).sum())
+                                .collect()
+                        };
+                        (dot(&lp.chosen, wc), dot(&lp.rejected, wr))
+                    }
+                    _ => (lp.chosen_sums(), lp.rejected_sums()),
+                }
             }
             None => (vec![0.0; rows.len()], vec![0.0; rows.len()]),
         };
@@ -304,8 +364,8 @@ impl Stage for Train {
                     prompt: r.prompt_ids.clone(),
                     chosen: r.chosen_ids.clone(),
                     rejected: r.rejected_ids.clone(),
-                    chosen_mask: masks_c.as_ref().map(|m| m[i].clone()),
-                    rejected_mask: masks_r.as_ref().map(|m| m[i].clone()),
+                    chosen_weights: weights.as_ref().map(|w| w.0[i].clone()),
+                    rejected_weights: weights.as_ref().map(|w| w.1[i].clone()),
                     ref_chosen: ref_c[i],
                     ref_rejected: ref_r[i],
                 }
@@ -322,10 +382,18 @@ impl Stage for Train {
             Objective::Reward if model_dir.is_reward_model()? => {
                 Trainee::Reward(model_dir.load_reward(&train_device)?)
             }
-            Objective::Reward => Trainee::Reward(RewardModel::from_causal_lm(
-                model_dir.load(&train_device)?,
-                spec.seed,
-            )?),
+            Objective::Reward => {
+                let end_token = if model_dir.has_tokenizer() {
+                    model_dir.tokenizer()?.eos()?.map(|(_, id)| id)
+                } else {
+                    None
+                };
+                Trainee::Reward(RewardModel::from_causal_lm(
+                    model_dir.load(&train_device)?,
+                    spec.seed,
+                    end_token,
+                )?)
+            }
             _ => Trainee::Lm(model_dir.load(&train_device)?),
         };
         let vocab = model.vocab_size();
@@ -402,7 +470,7 @@ impl Stage for Train {
 }
 
 /// Over one epoch: the response tokens whose log-probs carry the loss (SFT: the chosen answers;
-/// SePO: the key tokens; the pairwise objectives: both answers), and the response tokens the
+/// SePO and wdpo: the tokens of non-zero weight; the other pairwise objectives: both answers), and the response tokens the
 /// objective sees (SFT: the chosen answers; else both). Their ratio is the share of tokens
 /// trained on, which `evaluate` reports as the method's cost.
 fn loss_token_counts(examples: &[Example], objective: Objective) -> (u64, u64) {
@@ -415,12 +483,12 @@ fn loss_token_counts(examples: &[Example], objective: Objective) -> (u64, u64) {
                 loss += c;
                 seen += c;
             }
-            Objective::Sepo => {
-                let keys = |m: &Option<Vec<bool>>| {
-                    m.as_ref()
-                        .map_or(0, |m| m.iter().filter(|k| **k).count() as u64)
+            Objective::Sepo | Objective::Wdpo => {
+                let keys = |w: &Option<Vec<f32>>| {
+                    w.as_ref()
+                        .map_or(0, |w| w.iter().filter(|w| **w != 0.0).count() as u64)
                 };
-                loss += keys(&e.chosen_mask) + keys(&e.rejected_mask);
+                loss += keys(&e.chosen_weights) + keys(&e.rejected_weights);
                 seen += c + r;
             }
             _ => {

@@ -29,6 +29,11 @@ pub enum Objective {
     Sepo,
     /// A Bradley-Terry reward model (TRL's RewardTrainer): a score head on the decoder.
     Reward,
+    /// DPO on per-token weighted sums of both answers (TIS-DPO's, critical-token DPO's form),
+    /// weights from a `select` stage.
+    Wdpo,
+    /// RRHF: a ranking hinge on length-normalized log-probs plus the chosen answer's NLL.
+    Rrhf,
 }
 
 impl Objective {
@@ -36,7 +41,11 @@ impl Objective {
         self != Objective::Sft
     }
     pub fn needs_reference(self) -> bool {
-        matches!(self, Objective::Dpo | Objective::Ipo)
+        matches!(self, Objective::Dpo | Objective::Ipo | Objective::Wdpo)
+    }
+    /// Trains on a `select` stage's key tokens or weights.
+    pub fn needs_selection(self) -> bool {
+        matches!(self, Objective::Sepo | Objective::Wdpo)
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +55,8 @@ impl Objective {
             Objective::Simpo => "simpo",
             Objective::Sepo => "sepo",
             Objective::Reward => "reward",
+            Objective::Wdpo => "wdpo",
+            Objective::Rrhf => "rrhf",
         }
     }
 }
@@ -65,6 +76,10 @@ pub struct TrainSpec {
     pub gamma: f64,
     pub margin: f64,
     pub label_smoothing: f64,
+    /// IPO on per-token averaged log-probs (TRL) rather than sums (OpenRLHF).
+    pub ipo_average: bool,
+    /// RRHF's weight on its ranking term.
+    pub rrhf_weight: f64,
     pub shuffle: bool,
     pub group_by_length: bool,
     pub seed: u64,
@@ -77,10 +92,12 @@ pub struct Example {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
-    /// SePO's key-token masks.
-    pub chosen_mask: Option<Vec<bool>>,
-    pub rejected_mask: Option<Vec<bool>>,
-    /// Reference log-probs, summed over each response (DPO, IPO).
+    /// Per-token weights of the responses for `sepo` and `wdpo`: a `select` stage's key-token
+    /// mask as 0/1, times its weights under `mode: weights`.
+    pub chosen_weights: Option<Vec<f32>>,
+    pub rejected_weights: Option<Vec<f32>>,
+    /// Reference log-probs, summed over each response (DPO, IPO); for `wdpo`, the sums weighted
+    /// by the token weights above.
     pub ref_chosen: f32,
     pub ref_rejected: f32,
 }
@@ -518,16 +535,17 @@ fn forward_loss(
     let picked = Tensor::<1, Int>::from_data(TensorData::new(picked, [n]), device);
     let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), device);
     let lp = model.selected_logprobs(ids, picked, targets);
-    // Row r of a [rows, n] 0/1 matrix marks which picked positions belong to sequence r; the
-    // objectives' masked sums then aggregate per sequence.
-    let mask_of = |f: &dyn Fn(usize, usize) -> bool, nrows: usize, offset: usize| -> Tensor<2> {
+    // Row r of a [rows, n] matrix holds the weight (0/1 for membership) of each picked position
+    // that belongs to sequence r, 0 elsewhere; the objectives' masked sums then aggregate per
+    // sequence.
+    let mask_of = |f: &dyn Fn(usize, usize) -> f32, nrows: usize, offset: usize| -> Tensor<2> {
         let mut m = vec![0f32; nrows * n];
         let mut pos_in_row = vec![0usize; rows];
         for (i, &o) in owner.iter().enumerate() {
             let j = pos_in_row[o];
             pos_in_row[o] += 1;
-            if o >= offset && o < offset + nrows && f(o - offset, j) {
-                m[(o - offset) * n + i] = 1.0;
+            if o >= offset && o < offset + nrows {
+                m[(o - offset) * n + i] = f(o - offset, j);
             }
         }
         Tensor::<2>::from_data(TensorData::new(m, [nrows, n]), device)
@@ -545,8 +563,8 @@ fn forward_loss(
     }
     let b = batch.len();
     let lp_rows = lp.reshape([1, n]).repeat_dim(0, b);
-    let member_c = mask_of(&|_, _| true, b, 0);
-    let member_r = mask_of(&|_, _| true, b, b);
+    let member_c = mask_of(&|_, _| 1.0, b, 0);
+    let member_r = mask_of(&|_, _| 1.0, b, b);
     let pc = objectives::masked_sum(lp_rows.clone(), member_c.clone());
     let pr = objectives::masked_sum(lp_rows.clone(), member_r.clone());
     let host = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [b]), device);
@@ -558,16 +576,24 @@ fn forward_loss(
     let mean_pr = scalar(&pr.clone().mean());
     let pl = match spec.objective {
         Objective::Dpo => objectives::dpo(pc, pr, rc, rr, spec.beta, spec.label_smoothing),
-        Objective::Ipo => objectives::ipo(pc, pr, rc, rr, nc, nr, spec.beta),
+        Objective::Ipo if spec.ipo_average => objectives::ipo(pc, pr, rc, rr, nc, nr, spec.beta),
+        Objective::Ipo => objectives::ipo_sum(pc, pr, rc, rr, spec.beta),
         Objective::Simpo => objectives::simpo(pc, pr, nc, nr, spec.beta, spec.margin),
-        Objective::Sepo => {
-            let key = |mask: &Option<Vec<bool>>, j: usize| {
-                mask.as_ref()
-                    .is_some_and(|m| m.get(j).copied().unwrap_or(false))
+        Objective::Rrhf => objectives::rrhf(pc, pr, nc, nr, spec.rrhf_weight),
+        Objective::Sepo | Objective::Wdpo => {
+            let weight = |w: &Option<Vec<f32>>, j: usize| {
+                w.as_ref().and_then(|w| w.get(j).copied()).unwrap_or(0.0)
             };
-            let kc = mask_of(&|row, j| key(&batch[row].chosen_mask, j), b, 0);
-            let kr = mask_of(&|row, j| key(&batch[row].rejected_mask, j), b, b);
-            objectives::sepo(lp_rows.clone(), kc, lp_rows, kr, spec.gamma, spec.margin)
+            let wc = mask_of(&|row, j| weight(&batch[row].chosen_weights, j), b, 0);
+            let wr = mask_of(&|row, j| weight(&batch[row].rejected_weights, j), b, b);
+            if spec.objective == Objective::Sepo {
+                objectives::sepo(lp_rows.clone(), wc, lp_rows, wr, spec.gamma, spec.margin)
+            } else {
+                // The reference's weighted sums were computed on the host (`ref_chosen`).
+                let wpc = objectives::masked_sum(lp_rows.clone(), wc);
+                let wpr = objectives::masked_sum(lp_rows, wr);
+                objectives::dpo(wpc, wpr, rc, rr, spec.beta, spec.label_smoothing)
+            }
         }
         Objective::Sft => unreachable!("handled above"),
         Objective::Reward => unreachable!("checked above"),

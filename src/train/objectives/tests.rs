@@ -613,3 +613,382 @@ fn sepo_side_without_key_tokens_contributes_nothing() {
     close("grad rejected", &gr, &[0.0, 0.0, 0.0, g1, 0.0, 0.0], 1e-12);
     assert!(gc.iter().chain(&gr).all(|g| g.is_finite()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// tests/fixtures/token_losses.json (scripts/make_token_fixtures.py): token-weighted SePO,
+// weighted DPO, IPO on summed log-probs, RRHF. Each runs in f32 (training's dtype) and in f64.
+// ---------------------------------------------------------------------------------------------
+
+const TOKEN_FIXTURE: &str = include_str!("../../../tests/fixtures/token_losses.json");
+const DTYPES: [DType; 2] = [DType::F32, DType::F64];
+
+fn token_fixture() -> Value {
+    serde_json::from_str(TOKEN_FIXTURE).expect("token_losses.json parses")
+}
+
+fn f64_of(v: &Value) -> f64 {
+    v.as_f64().expect("a number")
+}
+
+/// The per-token inputs of token_losses.json on one device and dtype.
+struct TokenInputs {
+    /// policy log-probs (leaves that require grad), `[B, T]` right-padded
+    lc: Tensor<2>,
+    lr: Tensor<2>,
+    /// reference log-probs, no grad
+    rc: Tensor<2>,
+    rr: Tensor<2>,
+    /// 1.0 on each response's real positions
+    valid_c: Tensor<2>,
+    valid_r: Tensor<2>,
+    /// real-valued token weights (0.0 on padding)
+    wc: Tensor<2>,
+    wr: Tensor<2>,
+    /// 0/1 key-token masks
+    mc: Tensor<2>,
+    mr: Tensor<2>,
+    lens_c: Vec<usize>,
+    lens_r: Vec<usize>,
+}
+
+fn token_inputs(fx: &Value, dtype: DType, dev: &Device) -> TokenInputs {
+    let i = &fx["inputs"];
+    let (lc, valid_c, lens_c) = padded(&i["policy_chosen_token_logps"], dtype, dev);
+    let (lr, valid_r, lens_r) = padded(&i["policy_rejected_token_logps"], dtype, dev);
+    let (rc, _, _) = padded(&i["reference_chosen_token_logps"], dtype, dev);
+    let (rr, _, _) = padded(&i["reference_rejected_token_logps"], dtype, dev);
+    let (wc, _, lens_wc) = padded(&i["chosen_weights"], dtype, dev);
+    let (wr, _, lens_wr) = padded(&i["rejected_weights"], dtype, dev);
+    assert_eq!((&lens_wc, &lens_wr), (&lens_c, &lens_r));
+    let mc = bool_mask(&i["chosen_mask"], lc.dims()[1], dtype, dev);
+    let mr = bool_mask(&i["rejected_mask"], lr.dims()[1], dtype, dev);
+    TokenInputs {
+        lc: lc.require_grad(),
+        lr: lr.require_grad(),
+        rc,
+        rr,
+        valid_c,
+        valid_r,
+        wc,
+        wr,
+        mc,
+        mr,
+        lens_c,
+        lens_r,
+    }
+}
+
+/// Loss, per-pair rewards (under the fixture's `chosen_key` / `rejected_key`) and the per-token
+/// policy gradients of one objective against one fixture case. Returns those gradients
+/// (`[B, T]` row-major, chosen then rejected).
+#[track_caller]
+fn check_token_case(
+    what: &str,
+    out: PairLoss,
+    x: &TokenInputs,
+    case: &Value,
+    (chosen_key, rejected_key): (&str, &str),
+) -> (Vec<f64>, Vec<f64>) {
+    close(
+        &format!("{what} loss"),
+        &vec_of(&out.loss),
+        &[f64_of(&case["loss"])],
+        TOL,
+    );
+    close(
+        &format!("{what} {chosen_key}"),
+        &vec_of(&out.chosen_reward),
+        &floats(&case[chosen_key]),
+        TOL,
+    );
+    close(
+        &format!("{what} {rejected_key}"),
+        &vec_of(&out.rejected_reward),
+        &floats(&case[rejected_key]),
+        TOL,
+    );
+    let grads = out.loss.backward();
+    let gc = x.lc.grad(&grads).unwrap();
+    let gr = x.lr.grad(&grads).unwrap();
+    close_ragged(
+        &format!("{what} grad chosen"),
+        &gc,
+        &case["grad_policy_chosen_token_logps"],
+        &x.lens_c,
+    );
+    close_ragged(
+        &format!("{what} grad rejected"),
+        &gr,
+        &case["grad_policy_rejected_token_logps"],
+        &x.lens_r,
+    );
+    (vec_of(&gc), vec_of(&gr))
+}
+
+/// SePO with real-valued token weights: u is the weighted mean `sum w logp / sum w`, also when
+/// the weights sum to less than 1 (pair 2's rejected side, 0.6), and 0 with zero gradient when
+/// they are all 0 (pair 1's chosen side). The 0/1-mask cases of the same fixture give the same
+/// numbers as before (`sepo_matches_fixture_loss_u_and_token_gradients` covers losses.json).
+#[test]
+fn sepo_with_token_weights_matches_fixture() {
+    let fx = token_fixture();
+    let dev = device();
+    for dtype in DTYPES {
+        for (k, case) in fx["sepo_weighted"].as_array().unwrap().iter().enumerate() {
+            let x = token_inputs(&fx, dtype, &dev);
+            let gamma = f64_of(&case["gamma"]);
+            let margin = f64_of(&case["margin"]);
+            let real = case["weights"]
+                .as_str()
+                .unwrap()
+                .starts_with("chosen_weights");
+            let (wc, wr) = if real {
+                (x.wc.clone(), x.wr.clone())
+            } else {
+                (x.mc.clone(), x.mr.clone())
+            };
+            let out = sepo(x.lc.clone(), wc, x.lr.clone(), wr, gamma, margin);
+            let what = format!(
+                "sepo_weighted[{k}] {dtype:?} {} gamma {gamma} margin {margin}",
+                if real { "weights" } else { "0/1 mask" }
+            );
+            assert!(vec_of(&out.loss)[0].is_finite());
+            // Pair 1 has no chosen weight at all: u_w = 0 there.
+            assert_eq!(vec_of(&out.chosen_reward)[1], 0.0, "{what}: u_w of pair 1");
+            check_token_case(&what, out, &x, case, ("u_chosen", "u_rejected"));
+        }
+    }
+    // The weights of pair 2's rejected answer sum to 0.6: a count clamped to 1 (the former
+    // denominator) would have given u = gamma * sum w logp instead of the weighted mean.
+    let case = &fx["sepo_weighted"][0];
+    let w = floats(&fx["inputs"]["rejected_weights"][2]);
+    let l = floats(&fx["inputs"]["policy_rejected_token_logps"][2]);
+    let total: f64 = w.iter().sum();
+    assert!(total > 0.0 && total < 1.0, "{total}");
+    let weighted: f64 = w.iter().zip(&l).map(|(a, b)| a * b).sum();
+    let u = floats(&case["u_rejected"])[2];
+    assert!((u - weighted / total).abs() < 1e-12);
+    assert!(
+        (u - weighted).abs() > 1e-2,
+        "the fixture must tell the two apart"
+    );
+}
+
+/// Weighted DPO (TIS-DPO / critical-token DPO): `dpo` on `masked_sum(logps, weights)` of the
+/// policy and the reference, with the same weights on both.
+#[test]
+fn weighted_dpo_is_dpo_on_weighted_sums() {
+    let fx = token_fixture();
+    let dev = device();
+    for dtype in DTYPES {
+        for (k, case) in fx["wdpo"].as_array().unwrap().iter().enumerate() {
+            let x = token_inputs(&fx, dtype, &dev);
+            let beta = f64_of(&case["beta"]);
+            let ls = f64_of(&case["label_smoothing"]);
+            let what = format!("wdpo[{k}] {dtype:?} beta {beta} ls {ls}");
+            let pc = masked_sum(x.lc.clone(), x.wc.clone());
+            let pr = masked_sum(x.lr.clone(), x.wr.clone());
+            let rc = masked_sum(x.rc.clone(), x.wc.clone());
+            let rr = masked_sum(x.rr.clone(), x.wr.clone());
+            for (name, t) in [("pc", &pc), ("pr", &pr), ("rc", &rc), ("rr", &rr)] {
+                close(
+                    &format!("{what} weighted {name}"),
+                    &vec_of(t),
+                    &floats(&case[format!("weighted_{name}").as_str()]),
+                    TOL,
+                );
+            }
+            let out = dpo(pc, pr, rc, rr, beta, ls);
+            metrics_match(&what, &out.metrics(), case);
+            check_token_case(&what, out, &x, case, ("chosen_rewards", "rejected_rewards"));
+        }
+    }
+}
+
+/// IPO on summed log-probs (OpenRLHF) against the fixture, and against TRL's averaged IPO on the
+/// same inputs, which is a different loss.
+#[test]
+fn ipo_sum_matches_fixture_and_differs_from_averaged_ipo() {
+    let fx = token_fixture();
+    let dev = device();
+    for dtype in DTYPES {
+        for (k, case) in fx["ipo_sum"]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let beta = f64_of(&case["beta"]);
+            let what = format!("ipo_sum[{k}] {dtype:?} beta {beta}");
+            let x = inputs(&fx["ipo_sum"], dtype, &dev);
+            let out = ipo_sum(x.pc.clone(), x.pr.clone(), x.rc.clone(), x.rr.clone(), beta);
+            let loss_sum = vec_of(&out.loss)[0];
+            close(
+                &format!("{what} loss"),
+                &[loss_sum],
+                &[f64_of(&case["loss"])],
+                TOL,
+            );
+            close(
+                &format!("{what} chosen_rewards"),
+                &vec_of(&out.chosen_reward),
+                &floats(&case["chosen_rewards"]),
+                TOL,
+            );
+            close(
+                &format!("{what} rejected_rewards"),
+                &vec_of(&out.rejected_reward),
+                &floats(&case["rejected_rewards"]),
+                TOL,
+            );
+            let grads = out.loss.backward();
+            close(
+                &format!("{what} grad_pc"),
+                &vec_of(&x.pc.grad(&grads).unwrap()),
+                &floats(&case["grad_pc"]),
+                TOL,
+            );
+            close(
+                &format!("{what} grad_pr"),
+                &vec_of(&x.pr.grad(&grads).unwrap()),
+                &floats(&case["grad_pr"]),
+                TOL,
+            );
+
+            let avg = &case["ipo_averaged"];
+            let what = format!("ipo (averaged) [{k}] {dtype:?} beta {beta}");
+            let x = inputs(&fx["ipo_sum"], dtype, &dev);
+            let out = ipo(x.pc.clone(), x.pr.clone(), x.rc, x.rr, x.nc, x.nr, beta);
+            let loss_avg = vec_of(&out.loss)[0];
+            close(
+                &format!("{what} loss"),
+                &[loss_avg],
+                &[f64_of(&avg["loss"])],
+                TOL,
+            );
+            close(
+                &format!("{what} chosen_rewards"),
+                &vec_of(&out.chosen_reward),
+                &floats(&avg["chosen_rewards"]),
+                TOL,
+            );
+            close(
+                &format!("{what} rejected_rewards"),
+                &vec_of(&out.rejected_reward),
+                &floats(&avg["rejected_rewards"]),
+                TOL,
+            );
+            let grads = out.loss.backward();
+            close(
+                &format!("{what} grad_pc"),
+                &vec_of(&x.pc.grad(&grads).unwrap()),
+                &floats(&avg["grad_pc"]),
+                TOL,
+            );
+            close(
+                &format!("{what} grad_pr"),
+                &vec_of(&x.pr.grad(&grads).unwrap()),
+                &floats(&avg["grad_pr"]),
+                TOL,
+            );
+            assert!(
+                (loss_sum - loss_avg).abs() > 1.0,
+                "{what}: summed {loss_sum} vs averaged {loss_avg} should differ"
+            );
+        }
+    }
+}
+
+/// RRHF on whole responses: loss, rewards (the mean token log-probs) and per-token gradients. On
+/// a pair whose chosen average is already above the rejected one the hinge is 0, so the rejected
+/// tokens get exactly no gradient and each chosen token exactly the SFT term's `-1 / (B * nc)`.
+#[test]
+fn rrhf_matches_fixture() {
+    let fx = token_fixture();
+    let dev = device();
+    for dtype in DTYPES {
+        for (k, case) in fx["rrhf"].as_array().unwrap().iter().enumerate() {
+            let x = token_inputs(&fx, dtype, &dev);
+            let rank_weight = f64_of(&case["rank_weight"]);
+            let what = format!("rrhf[{k}] {dtype:?} rank_weight {rank_weight}");
+            let pc = masked_sum(x.lc.clone(), x.valid_c.clone());
+            let pr = masked_sum(x.lr.clone(), x.valid_r.clone());
+            let nc = masked_count(x.valid_c.clone());
+            let nr = masked_count(x.valid_r.clone());
+            let out = rrhf(pc, pr, nc, nr, rank_weight);
+            let (gc, gr) =
+                check_token_case(&what, out, &x, case, ("chosen_rewards", "rejected_rewards"));
+            let [b, tc] = x.lc.dims();
+            let tr = x.lr.dims()[1];
+            let hinge_zero: Vec<bool> = case["hinge_zero"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_bool().unwrap())
+                .collect();
+            assert!(hinge_zero.contains(&true) && hinge_zero.contains(&false));
+            for (i, &zero) in hinge_zero.iter().enumerate() {
+                let row_r = &gr[i * tr..i * tr + x.lens_r[i]];
+                if zero {
+                    assert!(
+                        row_r.iter().all(|g| *g == 0.0),
+                        "{what} pair {i}: {row_r:?}"
+                    );
+                    let sft_only = -1.0 / (b as f64 * x.lens_c[i] as f64);
+                    close(
+                        &format!("{what} pair {i} chosen grad (sft only)"),
+                        &gc[i * tc..i * tc + x.lens_c[i]],
+                        &vec![sft_only; x.lens_c[i]],
+                        1e-7,
+                    );
+                } else {
+                    let want = rank_weight / (b as f64 * x.lens_r[i] as f64);
+                    close(
+                        &format!("{what} pair {i} rejected grad (rank)"),
+                        row_r,
+                        &vec![want; x.lens_r[i]],
+                        1e-7,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// RRHF's edge cases against its formula in f64: a tie (p_c == p_r) adds no rank term and no rank
+/// gradient (the original's strict `diff < 0`), and a zero count is clamped to 1.
+#[test]
+fn rrhf_tie_and_empty_response() {
+    let dev = device();
+    let t =
+        |v: [f64; 2]| Tensor::<1>::from_data(TensorData::new(v.to_vec(), [2]), (&dev, DType::F64));
+    // pair 0: p_c = -6/3 = -2 = p_r = -4/2 (a tie); pair 1: nothing counted on either side.
+    let pc = t([-6.0, 0.0]).require_grad();
+    let pr = t([-4.0, 0.0]).require_grad();
+    let out = rrhf(pc.clone(), pr.clone(), t([3.0, 0.0]), t([2.0, 0.0]), 1.0);
+    close(
+        "rrhf tie loss",
+        &vec_of(&out.loss),
+        &[(2.0 + 0.0) / 2.0],
+        0.0,
+    );
+    close(
+        "rrhf tie p_c",
+        &vec_of(&out.chosen_reward),
+        &[-2.0, 0.0],
+        0.0,
+    );
+    let grads = out.loss.backward();
+    close(
+        "rrhf tie grad pc",
+        &vec_of(&pc.grad(&grads).unwrap()),
+        &[-1.0 / 6.0, -0.5],
+        1e-15,
+    );
+    close(
+        "rrhf tie grad pr",
+        &vec_of(&pr.grad(&grads).unwrap()),
+        &[0.0, 0.0],
+        0.0,
+    );
+}
