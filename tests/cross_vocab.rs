@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{data, pipeline, sepo};
+use common::{artifact_dir, data, pipeline, sepo};
 use sepo::data::parquet as pq;
 use serde_json::Value;
 
@@ -41,14 +41,8 @@ stages:
     )
 }
 
-fn dir_of(p: &str, stage: &str) -> PathBuf {
-    let r = sepo(&["show", p, stage, "--path"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    PathBuf::from(r.stdout.trim())
-}
-
 fn read(p: &str, stage: &str, file: &str) -> (polars::prelude::DataFrame, PathBuf) {
-    let f = dir_of(p, stage).join(file);
+    let f = artifact_dir(p, stage).join(file);
     (pq::read(&f).unwrap(), f)
 }
 
@@ -124,9 +118,10 @@ fn key_tokens_cross_to_a_policy_with_another_tokenizer() {
             );
         }
     }
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir_of(&p, "pkeys").join("manifest.json")).unwrap())
-            .unwrap();
+    let m: Value = serde_json::from_slice(
+        &std::fs::read(artifact_dir(&p, "pkeys").join("manifest.json")).unwrap(),
+    )
+    .unwrap();
     let b = &m["stats"]["bridge"];
     assert_eq!(b["from"], "tokens");
     assert_eq!(b["to"], "ptokens");

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{data, pipeline, sepo};
+use common::{artifact_dir, data, pipeline, sepo};
 use sepo::data::parquet as pq;
 use serde_json::Value;
 
@@ -42,18 +40,12 @@ stages:
     )
 }
 
-fn dir_of(p: &str, stage: &str) -> PathBuf {
-    let r = sepo(&["show", p, stage, "--path"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    PathBuf::from(r.stdout.trim())
-}
-
 type Lists<T> = Vec<Vec<T>>;
 
 /// A select stage's scores and masks: (chosen scores, rejected scores, chosen masks, rejected
 /// masks), read from its Parquet file.
 fn selection(p: &str, stage: &str) -> (Lists<f32>, Lists<f32>, Lists<bool>, Lists<bool>) {
-    let file = dir_of(p, stage).join("selection.parquet");
+    let file = artifact_dir(p, stage).join("selection.parquet");
     let df = pq::read(&file).unwrap();
     let rd = pq::Reader {
         df: &df,
@@ -68,9 +60,10 @@ fn selection(p: &str, stage: &str) -> (Lists<f32>, Lists<f32>, Lists<bool>, List
 }
 
 fn stats(p: &str, stage: &str) -> Value {
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir_of(p, stage).join("manifest.json")).unwrap())
-            .unwrap();
+    let m: Value = serde_json::from_slice(
+        &std::fs::read(artifact_dir(p, stage).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
     m["stats"].clone()
 }
 
@@ -80,7 +73,7 @@ fn kept(m: &[bool]) -> usize {
 
 /// The `col` column of a train stage's metrics.parquet.
 fn metric(p: &str, stage: &str, col: &str) -> Vec<f64> {
-    let file = dir_of(p, stage).join("metrics.parquet");
+    let file = artifact_dir(p, stage).join("metrics.parquet");
     let df = pq::read(&file).unwrap();
     df.column(col)
         .unwrap()

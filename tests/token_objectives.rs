@@ -8,9 +8,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{data, pipeline, sepo};
+use common::{artifact_dir, data, pipeline, sepo};
 use sepo::data::parquet as pq;
 
 fn yaml() -> String {
@@ -49,12 +47,6 @@ stages:
     )
 }
 
-fn dir_of(p: &str, stage: &str) -> PathBuf {
-    let r = sepo(&["show", p, stage, "--path"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    PathBuf::from(r.stdout.trim())
-}
-
 type Lists<T> = Vec<Vec<T>>;
 
 /// A select stage's train rows: (scores, masks, weights) of the chosen and rejected answers.
@@ -67,7 +59,7 @@ struct Sel {
 }
 
 fn selection(p: &str, stage: &str) -> Sel {
-    let file = dir_of(p, stage).join("selection.parquet");
+    let file = artifact_dir(p, stage).join("selection.parquet");
     let df = pq::read(&file).unwrap();
     let rd = pq::Reader {
         df: &df,
@@ -102,7 +94,7 @@ fn selection(p: &str, stage: &str) -> Sel {
 
 /// The first step's value of a metrics column.
 fn first(p: &str, stage: &str, col: &str) -> f64 {
-    let file = dir_of(p, stage).join("metrics.parquet");
+    let file = artifact_dir(p, stage).join("metrics.parquet");
     let df = pq::read(&file).unwrap();
     df.column(col).unwrap().f64().unwrap().get(0).unwrap()
 }

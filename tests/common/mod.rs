@@ -38,6 +38,13 @@ pub fn sepo_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     }
 }
 
+/// A built stage's artifact folder (`sepo show P S --path`).
+pub fn artifact_dir(p: &str, stage: &str) -> PathBuf {
+    let r = sepo(&["show", p, stage, "--path"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    PathBuf::from(r.stdout.trim())
+}
+
 /// Writes `yaml` as `dir/p.yaml` and returns its path.
 pub fn pipeline(dir: &Path, yaml: &str) -> String {
     let p = dir.join("p.yaml");

@@ -725,6 +725,40 @@ fn check_token_case(
     (vec_of(&gc), vec_of(&gr))
 }
 
+/// Loss, per-pair rewards and the gradients w.r.t. the summed log-probs `pc`, `pr` of a
+/// sequence-level objective against one fixture case; returns the loss.
+#[track_caller]
+fn check_sequence_case(what: &str, out: PairLoss, x: &Inputs, case: &Value) -> f64 {
+    let loss = vec_of(&out.loss)[0];
+    close(
+        &format!("{what} loss"),
+        &[loss],
+        &[f64_of(&case["loss"])],
+        TOL,
+    );
+    for (name, got) in [
+        ("chosen_rewards", &out.chosen_reward),
+        ("rejected_rewards", &out.rejected_reward),
+    ] {
+        close(
+            &format!("{what} {name}"),
+            &vec_of(got),
+            &floats(&case[name]),
+            TOL,
+        );
+    }
+    let grads = out.loss.backward();
+    for (name, leaf) in [("grad_pc", &x.pc), ("grad_pr", &x.pr)] {
+        close(
+            &format!("{what} {name}"),
+            &vec_of(&leaf.grad(&grads).unwrap()),
+            &floats(&case[name]),
+            TOL,
+        );
+    }
+    loss
+}
+
 /// SePO with real-valued token weights: u is the weighted mean `sum w logp / sum w`, also when
 /// the weights sum to less than 1 (pair 2's rejected side, 0.6), and 0 with zero gradient when
 /// they are all 0 (pair 1's chosen side). The 0/1-mask cases of the same fixture give the same
@@ -822,75 +856,19 @@ fn ipo_sum_matches_fixture_and_differs_from_averaged_ipo() {
             let what = format!("ipo_sum[{k}] {dtype:?} beta {beta}");
             let x = inputs(&fx["ipo_sum"], dtype, &dev);
             let out = ipo_sum(x.pc.clone(), x.pr.clone(), x.rc.clone(), x.rr.clone(), beta);
-            let loss_sum = vec_of(&out.loss)[0];
-            close(
-                &format!("{what} loss"),
-                &[loss_sum],
-                &[f64_of(&case["loss"])],
-                TOL,
-            );
-            close(
-                &format!("{what} chosen_rewards"),
-                &vec_of(&out.chosen_reward),
-                &floats(&case["chosen_rewards"]),
-                TOL,
-            );
-            close(
-                &format!("{what} rejected_rewards"),
-                &vec_of(&out.rejected_reward),
-                &floats(&case["rejected_rewards"]),
-                TOL,
-            );
-            let grads = out.loss.backward();
-            close(
-                &format!("{what} grad_pc"),
-                &vec_of(&x.pc.grad(&grads).unwrap()),
-                &floats(&case["grad_pc"]),
-                TOL,
-            );
-            close(
-                &format!("{what} grad_pr"),
-                &vec_of(&x.pr.grad(&grads).unwrap()),
-                &floats(&case["grad_pr"]),
-                TOL,
-            );
-
-            let avg = &case["ipo_averaged"];
+            let loss_sum = check_sequence_case(&what, out, &x, case);
             let what = format!("ipo (averaged) [{k}] {dtype:?} beta {beta}");
             let x = inputs(&fx["ipo_sum"], dtype, &dev);
-            let out = ipo(x.pc.clone(), x.pr.clone(), x.rc, x.rr, x.nc, x.nr, beta);
-            let loss_avg = vec_of(&out.loss)[0];
-            close(
-                &format!("{what} loss"),
-                &[loss_avg],
-                &[f64_of(&avg["loss"])],
-                TOL,
+            let out = ipo(
+                x.pc.clone(),
+                x.pr.clone(),
+                x.rc.clone(),
+                x.rr.clone(),
+                x.nc.clone(),
+                x.nr.clone(),
+                beta,
             );
-            close(
-                &format!("{what} chosen_rewards"),
-                &vec_of(&out.chosen_reward),
-                &floats(&avg["chosen_rewards"]),
-                TOL,
-            );
-            close(
-                &format!("{what} rejected_rewards"),
-                &vec_of(&out.rejected_reward),
-                &floats(&avg["rejected_rewards"]),
-                TOL,
-            );
-            let grads = out.loss.backward();
-            close(
-                &format!("{what} grad_pc"),
-                &vec_of(&x.pc.grad(&grads).unwrap()),
-                &floats(&avg["grad_pc"]),
-                TOL,
-            );
-            close(
-                &format!("{what} grad_pr"),
-                &vec_of(&x.pr.grad(&grads).unwrap()),
-                &floats(&avg["grad_pr"]),
-                TOL,
-            );
+            let loss_avg = check_sequence_case(&what, out, &x, &case["ipo_averaged"]);
             assert!(
                 (loss_sum - loss_avg).abs() > 1.0,
                 "{what}: summed {loss_sum} vs averaged {loss_avg} should differ"
