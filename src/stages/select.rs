@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use polars::prelude::DataFrame;
 
 use crate::artifacts::model::tokenize_behind;
-use crate::artifacts::{Artifact, Pair, Pairs, Scores, Selection, Tokens, tokenizer_of};
+use crate::artifacts::{Artifact, Pairs, Scores, Selection, Tokens, tokenizer_of};
 use crate::bridge;
 use crate::data::parquet as pq;
 use crate::error::user;
@@ -512,7 +512,8 @@ impl Select {
     ) -> Result<(DataFrame, Value)> {
         let share = self.cfg.span_overlap.unwrap_or(DEFAULT_SPAN_OVERLAP);
         let scores_art = ctx.input("scores")?;
-        let side_of = |tokenize: &Artifact| -> Result<(HfTokenizer, u32, Vec<Pair>, String)> {
+        // A tokenize stage's tokenizer (with its end token) and the ingest stage it read.
+        let side_of = |tokenize: &Artifact| -> Result<(HfTokenizer, u32, Artifact, String)> {
             let tok_art = ctx.upstream_one(tokenize, "tokenizer")?.ok_or_else(|| {
                 user(format!("stage `{}` has no tokenizer input", tokenize.stage))
             })?;
@@ -523,7 +524,7 @@ impl Select {
             let data = ctx
                 .upstream_one(tokenize, "data")?
                 .ok_or_else(|| user(format!("stage `{}` has no data input", tokenize.stage)))?;
-            Ok((hf, eos, Pairs::open(&data)?, tok_art.stage))
+            Ok((hf, eos, data, tok_art.stage))
         };
         let Some(src_tokenize) = tokenize_behind(ctx, scores_art)? else {
             user_bail!(
@@ -532,8 +533,8 @@ impl Select {
                 tokens.stage
             );
         };
-        let (src_tok, src_eos, src_pairs, src_name) = side_of(&src_tokenize)?;
-        let (dst_tok, dst_eos, dst_pairs, dst_name) = side_of(tokens)?;
+        let (src_tok, src_eos, src_data, src_name) = side_of(&src_tokenize)?;
+        let (dst_tok, dst_eos, dst_data, dst_name) = side_of(tokens)?;
         let src_rows = Tokens::open(scores_art)?.rows()?;
         let dst_rows = Tokens::open(tokens)?.rows()?;
         let src_index: HashMap<&str, usize> = ids
@@ -541,13 +542,18 @@ impl Select {
             .enumerate()
             .map(|(i, id)| (id.as_str(), i))
             .collect();
-        let text = |pairs: &[Pair]| -> HashMap<String, (String, String)> {
-            pairs
-                .iter()
-                .map(|p| (p.id.clone(), (p.chosen.clone(), p.rejected.clone())))
-                .collect()
+        let text = |data: &Artifact| -> Result<HashMap<String, (String, String)>> {
+            Ok(Pairs::open(data)?
+                .into_iter()
+                .map(|p| (p.id, (p.chosen, p.rejected)))
+                .collect())
         };
-        let (src_text, dst_text) = (text(&src_pairs), text(&dst_pairs));
+        // Both tokenize stages usually read the same ingest stage: its text is read once then.
+        let src_text = text(&src_data)?;
+        let dst_text_own = (dst_data.hash != src_data.hash)
+            .then(|| text(&dst_data))
+            .transpose()?;
+        let dst_text = dst_text_own.as_ref().unwrap_or(&src_text);
         let mut out = Choice {
             chosen_scores: Vec::new(),
             rejected_scores: Vec::new(),
