@@ -132,6 +132,13 @@ pub struct TrainConfig {
     /// Keep a resumable checkpoint every N optimizer steps (0: none).
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Activation (gradient) checkpointing: burn's balanced strategy keeps fewer activations for
+    /// the backward pass and recomputes the rest, trading compute for peak memory. The numbers
+    /// are the same either way.
+    // Left out of the canonical parameters when false, so that adding it moved no hash.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(extend("default" = false))]
+    pub gradient_checkpointing: bool,
 }
 
 fn d_lr() -> f64 {
@@ -376,7 +383,11 @@ impl Stage for Train {
             user_bail!("{}: a row has an empty prompt", path.display());
         }
         let device = crate::device::parse_device(ctx.device).map_err(|e| user(e.to_string()))?;
-        let train_device = device.clone().autodiff();
+        let train_device = if self.cfg.gradient_checkpointing {
+            device.clone().autodiff().gradient_checkpointing()
+        } else {
+            device.clone().autodiff()
+        };
         let model_dir = ModelDir::of(model_in);
         let model = match spec.objective {
             Objective::Reward if model_dir.is_reward_model()? => {
