@@ -79,7 +79,8 @@ impl CausalLm {
     /// Writes `config.json` and `model.safetensors` (f32, Hugging Face names, sorted, metadata
     /// `{"format":"pt"}`) into `dir`, creating it. Equal weights give equal bytes.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_folder(dir, &self.hf_tensors(), &self.config.to_hf_json())
+        let weights = weights::export_weights(&self.config, &self.decoder);
+        write_folder_with(dir, &self.config.to_hf_json(), |path| weights.write(path))
     }
 
     /// The weights as Hugging Face tensors (names and layouts of transformers), in f32.
@@ -347,11 +348,24 @@ fn write_folder(
     tensors: &[(String, HostTensor)],
     config: &serde_json::Value,
 ) -> Result<()> {
+    let refs = safetensors_io::as_refs(tensors);
+    write_folder_with(dir, config, |path| safetensors_io::write_f32(path, &refs))
+}
+
+/// [`write_folder`], the weights written by `write_weights`. They are hashed as they are
+/// written, and the hash is handed to the artifact store
+/// ([`crate::pipeline::store::record_written`]), so that the stage writing them does not read
+/// them back to describe its output.
+fn write_folder_with(
+    dir: &Path,
+    config: &serde_json::Value,
+    write_weights: impl FnOnce(&Path) -> Result<safetensors_io::Written>,
+) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create model folder {}", dir.display()))?;
-    let bytes = safetensors_io::serialize_f32(tensors)?;
     let path = dir.join("model.safetensors");
-    std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    let written = write_weights(&path)?;
+    crate::pipeline::store::record_written(&path, written.size, written.blake3);
     let mut cfg = serde_json::to_string_pretty(config)?;
     cfg.push('\n');
     let path = dir.join(CONFIG_FILE);

@@ -1,11 +1,24 @@
 //! Reading Hugging Face weights (single `model.safetensors` or sharded with
 //! `model.safetensors.index.json`; f32, f16, bf16, f64) and writing them (f32, deterministic).
 //! Which files a folder's weights are is decided in one place, [`WeightSource::find`].
+//!
+//! Both directions move each tensor's bytes once: reading parses a file's header and then reads
+//! each tensor straight into the buffer that becomes its parameter (f32 on a little-endian host
+//! needs no conversion); writing streams the header and each tensor's bytes to the file and
+//! hashes them (blake3) on the way, on a second thread. The sepo crate itself is built without
+//! optimization in the dev profile, so nothing here walks the values one by one: bytes are cast
+//! (`bytemuck`) and copied (`memcpy`), and transposes are left to the backend.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+#[cfg(not(unix))]
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 /// A tensor on the host, row-major f32.
@@ -124,35 +137,135 @@ impl WeightSource {
     }
 }
 
+/// One safetensors file: its header, parsed, and the open file its tensors are read from (each
+/// straight into its own buffer, never the whole file at once).
+pub struct SafetensorsFile {
+    path: PathBuf,
+    file: File,
+    /// Where the data section starts (8 + the header's length).
+    data_start: u64,
+    meta: Metadata,
+}
+
+/// The largest header accepted (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+impl SafetensorsFile {
+    /// Opens `path` and parses its header as `SafeTensors::read_metadata` does (the same
+    /// checks: header length, UTF-8, JSON, offsets that tile the data section, sizes that match
+    /// the shapes, and a file exactly as long as header and data), without reading the data.
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let bad = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("{} is not a safetensors file: {e}", path.display())
+        };
+        let mut file =
+            File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n)
+            .map_err(|_| bad(&"the header is too small"))?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER {
+            return Err(bad(&"the header is too large"));
+        }
+        if 8 + n > len {
+            return Err(bad(&"invalid header length"));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::str::from_utf8(&header).map_err(|e| bad(&e))?;
+        let meta: Metadata = serde_json::from_str(text).map_err(|e| bad(&e))?;
+        if 8 + n + meta.data_len() as u64 != len {
+            return Err(bad(&"the metadata does not describe the whole file"));
+        }
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            data_start: 8 + n,
+            meta,
+        })
+    }
+
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.meta.info(name)
+    }
+
+    /// The header's `__metadata__`.
+    pub fn metadata(&self) -> &Option<HashMap<String, String>> {
+        self.meta.metadata()
+    }
+
+    /// Tensor `name`: its dtype, shape and raw (little-endian) bytes.
+    pub fn read(&self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| anyhow::anyhow!("{}: no tensor `{name}`", self.path.display()))?;
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        self.read_into(info, &mut bytes)?;
+        Ok((info.dtype, info.shape.clone(), bytes))
+    }
+
+    /// Reads `info`'s bytes into `dst` (exactly its length): one positioned read on Unix (safe
+    /// from several threads at once), a seek and a read elsewhere.
+    fn read_into(&self, info: &TensorInfo, dst: &mut [u8]) -> Result<()> {
+        let (start, end) = info.data_offsets;
+        debug_assert_eq!(end - start, dst.len());
+        let at = self.data_start + start as u64;
+        #[cfg(unix)]
+        let read = std::os::unix::fs::FileExt::read_exact_at(&self.file, dst, at);
+        #[cfg(not(unix))]
+        let read = {
+            let mut f = &self.file;
+            f.seek(SeekFrom::Start(at)).and_then(|_| f.read_exact(dst))
+        };
+        read.with_context(|| format!("cannot read {}", self.path.display()))
+    }
+
+    /// Reads a tensor as f32 into `dst` (its element count): f32 bytes straight into place,
+    /// other dtypes through one temporary buffer.
+    fn read_f32(&self, info: &TensorInfo, dst: &mut [f32]) -> Result<()> {
+        if info.dtype == Dtype::F32 {
+            self.read_into(info, bytemuck::cast_slice_mut(dst))?;
+            from_le_in_place(dst);
+            return Ok(());
+        }
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        self.read_into(info, &mut bytes)?;
+        f32_from_bytes(info.dtype, &bytes, dst)
+    }
+}
+
 /// The safetensors files of a model folder, read lazily tensor by tensor.
 pub struct WeightFiles {
-    files: Vec<(PathBuf, Vec<u8>)>,
+    files: Vec<SafetensorsFile>,
     /// tensor name -> index into `files`
     index: BTreeMap<String, usize>,
     taken: BTreeSet<String>,
 }
 
 impl WeightFiles {
-    /// Opens the weight files of a model folder ([`WeightSource::find`]).
+    /// Opens the weight files of a model folder ([`WeightSource::find`]), reading their headers
+    /// only.
     pub fn open(dir: &Path) -> Result<Self> {
         let paths = WeightSource::find(dir)?.tensor_files().to_vec();
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in paths.into_iter().enumerate() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-                anyhow::anyhow!("{} is not a safetensors file: {e}", path.display())
-            })?;
-            for name in st.names() {
-                if let Some(prev) = index.insert(name.to_string(), i)
+            let f = SafetensorsFile::open(&path)?;
+            for name in f.meta.tensors().into_keys() {
+                if let Some(prev) = index.insert(name.clone(), i)
                     && prev != i
                 {
                     bail!("tensor `{name}` appears in two shards of {}", dir.display());
                 }
             }
-            drop(st);
-            files.push((path, bytes));
+            files.push(f);
         }
         Ok(WeightFiles {
             files,
@@ -172,47 +285,61 @@ impl WeightFiles {
     }
 
     fn path_of(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|&i| self.files[i].0.as_path())
+        self.index.get(name).map(|&i| self.files[i].path.as_path())
     }
 
     /// A description of where the weights live, for error messages.
     pub fn location(&self) -> String {
         match self.files.as_slice() {
-            [(p, _)] => p.display().to_string(),
+            [f] => f.path.display().to_string(),
             files => format!(
                 "{} ({} shards)",
-                files[0].0.parent().unwrap_or(Path::new(".")).display(),
+                files[0].path.parent().unwrap_or(Path::new(".")).display(),
                 files.len()
             ),
         }
     }
 
-    /// Reads tensor `name` as f32, checking its shape. Errors name the tensor, the file and
-    /// both shapes.
-    pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+    /// The file and header entry of tensor `name`, its shape checked. Errors name the tensor,
+    /// the file and both shapes.
+    fn find(&self, name: &str, expected: &[usize]) -> Result<(&SafetensorsFile, &TensorInfo)> {
         let Some(&i) = self.index.get(name) else {
             bail!(
                 "weight `{name}` (expected shape {expected:?}) is missing from {}",
                 self.location()
             );
         };
-        let (path, bytes) = &self.files[i];
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        if view.shape() != expected {
+        let f = &self.files[i];
+        let info = f
+            .info(name)
+            .ok_or_else(|| anyhow::anyhow!("{}: no tensor `{name}`", f.path.display()))?;
+        if info.shape != expected {
             bail!(
                 "weight `{name}` in {} has shape {:?}, expected {expected:?}",
-                path.display(),
-                view.shape()
+                f.path.display(),
+                info.shape
             );
         }
-        let data =
-            to_f32(&view).with_context(|| format!("weight `{name}` in {}", path.display()))?;
-        self.taken.insert(name.to_string());
+        Ok((f, info))
+    }
+
+    /// Reads tensor `name` as f32, checking its shape. Errors name the tensor, the file and
+    /// both shapes.
+    pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        let mut data = vec![0f32; expected.iter().product()];
+        self.take_into(name, expected, &mut data)?;
         Ok(HostTensor::new(expected.to_vec(), data))
+    }
+
+    /// [`WeightFiles::take`] into `dst` (as many values as `expected` has), so that the parts
+    /// of a fused parameter are read straight into place.
+    pub fn take_into(&mut self, name: &str, expected: &[usize], dst: &mut [f32]) -> Result<()> {
+        let (f, info) = self.find(name, expected)?;
+        assert_eq!(dst.len(), expected.iter().product::<usize>(), "`{name}`");
+        f.read_f32(info, dst)
+            .with_context(|| format!("weight `{name}` in {}", f.path.display()))?;
+        self.taken.insert(name.to_string());
+        Ok(())
     }
 
     /// Marks a tensor as read without reading it (e.g. a duplicated tied `lm_head.weight`).
@@ -232,13 +359,10 @@ impl WeightFiles {
             .collect();
         if let Some(first) = unexpected.first() {
             let shape = self
-                .path_of(first)
-                .and_then(|_| {
-                    let (_, bytes) = &self.files[self.index[*first]];
-                    SafeTensors::deserialize(bytes)
-                        .ok()
-                        .and_then(|st| st.tensor(first).ok().map(|v| v.shape().to_vec()))
-                })
+                .index
+                .get(*first)
+                .and_then(|&i| self.files[i].info(first))
+                .map(|info| info.shape.clone())
                 .unwrap_or_default();
             bail!(
                 "unexpected weight `{first}` (shape {shape:?}) in {}{}",
@@ -260,54 +384,293 @@ impl WeightFiles {
     }
 }
 
+/// Little-endian f32 (as read into place) to native: nothing on a little-endian host.
+fn from_le_in_place(v: &mut [f32]) {
+    if cfg!(target_endian = "big") {
+        for x in v {
+            *x = f32::from_bits(u32::from_le(x.to_bits()));
+        }
+    }
+}
+
+/// Converts little-endian `bytes` of `dtype` into `dst` (as many values).
+fn f32_from_bytes(dtype: Dtype, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        Dtype::F32 => {
+            bytemuck::cast_slice_mut(dst).copy_from_slice(bytes);
+            from_le_in_place(dst);
+        }
+        Dtype::F16 => {
+            let mut h: Vec<half::f16> = bytemuck::pod_collect_to_vec(bytes);
+            if cfg!(target_endian = "big") {
+                for x in &mut h {
+                    *x = half::f16::from_bits(u16::from_le(x.to_bits()));
+                }
+            }
+            h.convert_to_f32_slice(dst);
+        }
+        Dtype::BF16 => {
+            let mut h: Vec<half::bf16> = bytemuck::pod_collect_to_vec(bytes);
+            if cfg!(target_endian = "big") {
+                for x in &mut h {
+                    *x = half::bf16::from_bits(u16::from_le(x.to_bits()));
+                }
+            }
+            h.convert_to_f32_slice(dst);
+        }
+        Dtype::F64 => {
+            for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(8)) {
+                *d = f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32;
+            }
+        }
+        other => bail!("dtype {other:?} is not supported (f32, f16, bf16, f64 are)"),
+    }
+    Ok(())
+}
+
 fn to_f32(view: &TensorView<'_>) -> Result<Vec<f32>> {
     let bytes = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
-            .collect(),
-        other => bail!("dtype {other:?} is not supported (f32, f16, bf16, f64 are)"),
-    })
+    let n = view.shape().iter().product();
+    let mut out = vec![0f32; n];
+    f32_from_bytes(view.dtype(), bytes, &mut out)?;
+    Ok(out)
+}
+
+/// An f32 tensor to write: its name, shape and values as little-endian bytes (borrowed where
+/// possible: a parameter's bytes as the backend holds them, one part of a fused projection).
+#[derive(Debug, Clone)]
+pub struct TensorRef<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Values, row-major, f32 little-endian.
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl<'a> TensorRef<'a> {
+    /// A tensor of f32 values (borrowed as bytes on a little-endian host).
+    pub fn f32(name: &'a str, shape: &'a [usize], data: &'a [f32]) -> Self {
+        let bytes = if cfg!(target_endian = "little") {
+            Cow::Borrowed(bytemuck::cast_slice(data))
+        } else {
+            Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
+        TensorRef { name, shape, bytes }
+    }
+}
+
+/// What was written: the file's size and blake3, computed from the bytes on their way out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Bytes.
+    pub size: u64,
+    /// blake3, hex.
+    pub blake3: String,
+}
+
+/// The start of a safetensors file, exactly as `safetensors::serialize` writes it: the header's
+/// length (u64, little-endian) and the header (tensors sorted by dtype, largest alignment first,
+/// then name; `metadata`; padded with spaces to 8 bytes). `tensors` are (name, dtype, shape,
+/// bytes); returns the header and the order in which their bytes follow it (indices into
+/// `tensors`).
+pub fn header(
+    tensors: &[(&str, Dtype, &[usize], usize)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&tensors[a], &tensors[b]);
+        b.1.cmp(&a.1).then(a.0.cmp(b.0))
+    });
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0;
+    for &i in &order {
+        let (name, dtype, shape, len) = tensors[i];
+        infos.push((
+            name.to_string(),
+            TensorInfo {
+                dtype,
+                shape: shape.to_vec(),
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+    }
+    let meta = Metadata::new(metadata, infos).map_err(|e| anyhow::anyhow!("safetensors: {e}"))?;
+    let mut header = serde_json::to_string(&meta)?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    Ok((out, order))
+}
+
+/// The start of an f32 safetensors file ([`header`], metadata `{"format":"pt"}`) and the
+/// tensors in file order (by name).
+fn f32_header<'a>(tensors: &[TensorRef<'a>]) -> Result<(Vec<u8>, Vec<TensorRef<'a>>)> {
+    let mut sorted = tensors.to_vec();
+    // (Cloning a `TensorRef` copies no borrowed bytes.)
+    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    let mut entries = Vec::with_capacity(sorted.len());
+    for (i, t) in sorted.iter().enumerate() {
+        if i > 0 && sorted[i - 1].name == t.name {
+            bail!("tensor `{}` written twice", t.name);
+        }
+        if 4 * t.shape.iter().product::<usize>() != t.bytes.len() {
+            bail!(
+                "tensor `{}`: shape {:?} but {} bytes of f32",
+                t.name,
+                t.shape,
+                t.bytes.len()
+            );
+        }
+        entries.push((t.name, Dtype::F32, t.shape, t.bytes.len()));
+    }
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    // Sorted by name already, and one dtype: the header keeps this order.
+    let (head, _) = header(&entries, Some(metadata))?;
+    Ok((head, sorted))
 }
 
 /// Serializes tensors as f32 safetensors: names sorted, metadata `{"format":"pt"}`, so equal
-/// weights give equal bytes.
+/// weights give equal bytes (those of `safetensors::serialize`).
 pub fn serialize_f32(tensors: &[(String, HostTensor)]) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let refs = as_refs(tensors);
+    let (mut out, sorted) = f32_header(&refs)?;
+    out.reserve_exact(sorted.iter().map(|t| t.bytes.len()).sum());
+    for t in &sorted {
+        out.extend_from_slice(&t.bytes);
+    }
+    Ok(out)
+}
+
+/// Borrows host tensors as [`TensorRef`]s.
+pub fn as_refs(tensors: &[(String, HostTensor)]) -> Vec<TensorRef<'_>> {
+    tensors
         .iter()
-        .map(|(name, t)| {
-            let mut b = Vec::with_capacity(t.data.len() * 4);
-            for v in &t.data {
-                b.extend_from_slice(&v.to_le_bytes());
-            }
-            (name.clone(), t.shape.clone(), b)
-        })
+        .map(|(name, t)| TensorRef::f32(name, &t.shape, &t.data))
+        .collect()
+}
+
+/// A tensor's f32 little-endian bytes, produced when it is written: handed to a sink in order,
+/// in as many pieces as the producer likes (so that a large tensor goes out through a small,
+/// reused buffer instead of a copy of the whole of it).
+pub trait TensorBytes: Sync {
+    /// Hands every byte of the tensor, in order, to `sink`.
+    fn emit(&self, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()>;
+}
+
+impl TensorBytes for TensorRef<'_> {
+    fn emit(&self, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        sink(&self.bytes)
+    }
+}
+
+/// A tensor to stream into a file: name, shape and where its bytes come from.
+pub type Streamed<'a> = (&'a str, &'a [usize], &'a dyn TensorBytes);
+
+/// Writes the bytes of [`serialize_f32`] to `path` without assembling them in memory: the
+/// header, then each tensor's values as they are, hashed (blake3) on a second thread while
+/// they are written. Returns the size and hash of what was written.
+pub fn write_f32(path: &Path, tensors: &[TensorRef<'_>]) -> Result<Written> {
+    let streamed: Vec<Streamed> = tensors
+        .iter()
+        .map(|t| (t.name, t.shape, t as &dyn TensorBytes))
         .collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    let mut seen = BTreeSet::new();
-    for (name, shape, b) in &bytes {
-        if !seen.insert(name.as_str()) {
+    write_f32_streamed(path, &streamed)
+}
+
+/// [`write_f32`] of tensors whose bytes are produced as they are written ([`TensorBytes`]):
+/// the same file, byte for byte, for the same values. Each piece is written and hashed at once,
+/// on two threads; small pieces are gathered first, so that no write is tiny. A tensor that
+/// produces more or fewer bytes than its shape says is an error.
+pub fn write_f32_streamed(path: &Path, tensors: &[Streamed<'_>]) -> Result<Written> {
+    let mut sorted = tensors.to_vec();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut entries = Vec::with_capacity(sorted.len());
+    for (i, (name, shape, _)) in sorted.iter().enumerate() {
+        if i > 0 && sorted[i - 1].0 == *name {
             bail!("tensor `{name}` written twice");
         }
-        let view = TensorView::new(Dtype::F32, shape.clone(), b)
-            .map_err(|e| anyhow::anyhow!("tensor `{name}`: {e}"))?;
-        views.push((name.as_str(), view));
+        entries.push((
+            *name,
+            Dtype::F32,
+            *shape,
+            4 * shape.iter().product::<usize>(),
+        ));
     }
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("safetensors: {e}"))
+    // Sorted by name already, and one dtype: the header keeps this order.
+    let (header, _) = header(&entries, Some(metadata))?;
+    let cannot = || format!("cannot write {}", path.display());
+    let mut out = HashingFile {
+        file: File::create(path).with_context(cannot)?,
+        hasher: blake3::Hasher::new(),
+        small: Vec::with_capacity(HashingFile::BATCH),
+        size: 0,
+    };
+    out.put(&header).with_context(cannot)?;
+    for ((name, _, bytes), (_, _, _, len)) in sorted.iter().zip(&entries) {
+        let before = out.size;
+        bytes.emit(&mut |b: &[u8]| out.put(b).with_context(cannot))?;
+        let wrote = out.size - before;
+        if wrote != *len as u64 {
+            bail!("tensor `{name}`: {wrote} bytes written, its shape says {len}");
+        }
+    }
+    out.flush().with_context(cannot)?;
+    Ok(Written {
+        size: out.size,
+        blake3: out.hasher.finalize().to_hex().to_string(),
+    })
+}
+
+/// A file being written and hashed: large pieces are written and hashed at once (two threads),
+/// small ones gathered into one buffer first.
+struct HashingFile {
+    file: File,
+    hasher: blake3::Hasher,
+    small: Vec<u8>,
+    size: u64,
+}
+
+impl HashingFile {
+    /// Pieces under this size are gathered ...
+    const SMALL: usize = 1 << 16;
+    /// ... into a buffer written when it holds this much.
+    const BATCH: usize = 1 << 20;
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.size += bytes.len() as u64;
+        if bytes.len() < Self::SMALL {
+            self.small.extend_from_slice(bytes);
+            if self.small.len() >= Self::BATCH {
+                self.flush()?;
+            }
+            return Ok(());
+        }
+        self.flush()?;
+        Self::write_and_hash(&mut self.file, &mut self.hasher, bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.small.is_empty() {
+            return Ok(());
+        }
+        let r = Self::write_and_hash(&mut self.file, &mut self.hasher, &self.small);
+        self.small.clear();
+        r
+    }
+
+    fn write_and_hash(
+        file: &mut File,
+        hasher: &mut blake3::Hasher,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        rayon::join(|| file.write_all(bytes), || hasher.update(bytes)).0
+    }
 }
 
 /// Reads every tensor of a safetensors file as f32 (for tests and tools).
@@ -321,4 +684,127 @@ pub fn read_all_f32(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         out.insert(name, HostTensor::new(view.shape().to_vec(), data));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<(String, HostTensor)> {
+        let t = |shape: Vec<usize>, k: f32| {
+            let n = shape.iter().product();
+            HostTensor::new(shape, (0..n).map(|i| (i as f32 - 7.5) * k).collect())
+        };
+        vec![
+            ("b.weight".into(), t(vec![3, 5], 0.25)),
+            ("a.bias".into(), t(vec![5], -1.5)),
+            ("c".into(), t(vec![200_000], 1e-3)),
+            ("a.weight".into(), t(vec![2, 2, 2], 3.0)),
+            ("empty".into(), t(vec![0, 4], 1.0)),
+        ]
+    }
+
+    /// The bytes of `safetensors::serialize`, which the writer must reproduce.
+    fn reference(tensors: &[(String, HostTensor)]) -> Vec<u8> {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, t)| {
+                let b = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (n.clone(), t.shape.clone(), b)
+            })
+            .collect();
+        let views: Vec<(&str, TensorView)> = bytes
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.as_str(),
+                    TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let metadata: HashMap<String, String> = [("format".into(), "pt".into())].into();
+        safetensors::serialize(views, Some(metadata)).unwrap()
+    }
+
+    #[test]
+    fn serialize_and_write_give_the_bytes_of_safetensors_serialize() {
+        let tensors = sample();
+        let want = reference(&tensors);
+        assert_eq!(serialize_f32(&tensors).unwrap(), want);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let written = write_f32(&path, &as_refs(&tensors)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        assert_eq!(written.size, want.len() as u64);
+        assert_eq!(written.blake3, blake3::hash(&want).to_hex().to_string());
+        // Read back, whole and tensor by tensor, bit for bit.
+        let all = read_all_f32(&path).unwrap();
+        for (name, t) in &tensors {
+            assert_eq!(&all[name], t, "{name}");
+        }
+        let mut wf = WeightFiles::open(dir.path()).unwrap();
+        for (name, t) in &tensors {
+            assert_eq!(&wf.take(name, &t.shape).unwrap(), t, "{name}");
+        }
+        wf.finish(|_| false).unwrap();
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut tensors = sample();
+        tensors.push(("c".into(), HostTensor::new(vec![1], vec![0.0])));
+        let err = serialize_f32(&tensors).unwrap_err().to_string();
+        assert!(err.contains("`c` written twice"), "{err}");
+    }
+
+    #[test]
+    fn half_precision_and_f64_read_as_f32() {
+        let vals = [0.5f32, -2.0, 1.0e-3, 65504.0];
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let bf16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let f64b: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| (v as f64).to_le_bytes())
+            .collect();
+        let mut out = [0f32; 4];
+        f32_from_bytes(Dtype::F16, &f16, &mut out).unwrap();
+        let want: Vec<f32> = vals
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(out.to_vec(), want);
+        f32_from_bytes(Dtype::BF16, &bf16, &mut out).unwrap();
+        let want: Vec<f32> = vals
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(out.to_vec(), want);
+        f32_from_bytes(Dtype::F64, &f64b, &mut out).unwrap();
+        assert_eq!(out, vals);
+    }
+
+    #[test]
+    fn truncated_and_padded_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let good = serialize_f32(&sample()).unwrap();
+        for bad in [
+            &good[..good.len() - 1],
+            &[good.as_slice(), &[0u8]].concat(),
+            &good[..4],
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let err = WeightFiles::open(dir.path())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("is not a safetensors file"), "{err}");
+        }
+    }
 }

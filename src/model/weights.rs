@@ -2,28 +2,41 @@
 //! LM's output projection, a reward model's score): loading Hugging Face tensors (`[out, in]`
 //! linears, separate or interleaved projections) into the decoder's fused `[in, out]`
 //! parameters, exporting them back, and drawing fresh seeded weights.
+//!
+//! Speed (the sepo crate is not optimized in the dev profile, its dependencies are, so nothing
+//! here loops over values): transposes are the backend's (burn-flex copies in tiles, on all
+//! threads); loading reads each part of a projection straight into its rows of one buffer;
+//! saving reads each Hugging Face tensor out of the parameters a few megabytes at a time, as the
+//! file is written ([`HfExport::write`]), so a save costs no second copy of the model; fresh
+//! weights come from rand's ChaCha12 core one 64-word buffer at a time, drawn on all threads.
+
+use std::ops::Range;
 
 use anyhow::Result;
-use burn::tensor::Device;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use burn::module::Param;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha12Core;
+use rand_chacha::rand_core::block::BlockRngCore;
+use rayon::prelude::*;
 
 use super::config::ModelConfig;
 use super::layout::{Head, Layout, LinearLayout, NormLayout};
-use super::safetensors_io::{HostTensor, WeightFiles};
-use super::transformer::{Block, Decoder, Linear, Norm, Spec, host, param1, param2};
+use super::safetensors_io::{self, HostTensor, Streamed, TensorBytes, WeightFiles, Written};
+use super::transformer::{Block, Decoder, Linear, Norm, Spec, param1, param2};
 
 /// Where the decoder's parameters come from: a checkpoint or a seeded generator. Both are
 /// walked by [`build`] in the same order, so reading and initializing cannot drift apart.
 trait Source {
     /// Token embeddings `[vocab, hidden]`.
-    fn embed(&mut self, name: &str, shape: [usize; 2]) -> Result<HostTensor>;
+    fn embed(&mut self, name: &str, shape: [usize; 2]) -> Result<Param<Tensor<2>>>;
     /// The untied output projection, in the decoder's `[hidden, vocab]`.
-    fn lm_head(&mut self, name: &str, vocab_hidden: [usize; 2]) -> Result<HostTensor>;
+    fn lm_head(&mut self, name: &str, vocab_hidden: [usize; 2]) -> Result<Param<Tensor<2>>>;
     /// The tied output projection (nothing to read or draw).
     fn tied_lm_head(&mut self, name: &str);
     /// A reward model's score, stored `[num_labels, hidden]`, in the decoder's
     /// `[hidden, num_labels]`.
-    fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<HostTensor>;
+    fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<Linear>;
     /// A decoder linear.
     fn linear(&mut self, l: &LinearLayout) -> Result<Linear>;
     /// A norm.
@@ -35,11 +48,10 @@ fn build(
     c: &ModelConfig,
     layout: &Layout,
     src: &mut impl Source,
-    device: &Device,
 ) -> Result<(Decoder, Option<Linear>)> {
     // Validates the config, so that the layout's sizes are sane.
     let spec = Spec::from_config(c)?;
-    let embed = param2(src.embed(&layout.embed, layout.vocab_hidden)?, device);
+    let embed = src.embed(&layout.embed, layout.vocab_hidden)?;
     let mut blocks = Vec::with_capacity(layout.blocks.len());
     for b in &layout.blocks {
         blocks.push(Block {
@@ -57,14 +69,11 @@ fn build(
             src.tied_lm_head(name);
             (None, None)
         }
-        Head::LmHead { name, tied: false } => (
-            Some(param2(src.lm_head(name, layout.vocab_hidden)?, device)),
+        Head::LmHead { name, tied: false } => (Some(src.lm_head(name, layout.vocab_hidden)?), None),
+        Head::Score { name, num_labels } => (
             None,
+            Some(src.score(name, [*num_labels, layout.vocab_hidden[1]])?),
         ),
-        Head::Score { name, num_labels } => {
-            let w = src.score(name, [*num_labels, layout.vocab_hidden[1]])?;
-            (None, Some(Linear::from_host(w, None, device)))
-        }
     };
     let decoder = Decoder {
         embed,
@@ -101,7 +110,7 @@ fn load_layout(
     files: &mut WeightFiles,
     device: &Device,
 ) -> Result<(Decoder, Option<Linear>)> {
-    let built = build(c, layout, &mut Reader { files, device }, device)?;
+    let built = build(c, layout, &mut Reader { files, device })?;
     files.finish(|name| layout.ignorable(name))?;
     Ok(built)
 }
@@ -110,7 +119,7 @@ fn load_layout(
 /// one, biases zero), in the order of the layout.
 pub fn init(c: &ModelConfig, device: &Device, seed: u64) -> Result<Decoder> {
     let mut init = Init::new(seed, c.initializer_range, device);
-    Ok(build(c, &Layout::new(c), &mut init, device)?.0)
+    Ok(build(c, &Layout::new(c), &mut init)?.0)
 }
 
 /// A fresh reward-model score `[hidden, num_labels]`, drawn as transformers' `_init_weights`
@@ -123,38 +132,249 @@ pub fn init_score(c: &ModelConfig, num_labels: usize, device: &Device, seed: u64
 
 /// The Hugging Face tensors of a causal LM's decoder, in the layout's order.
 pub fn export(c: &ModelConfig, d: &Decoder) -> Vec<(String, HostTensor)> {
+    export_layout(&Layout::new(c), d, None).into_host()
+}
+
+/// The Hugging Face tensors of a causal LM's decoder, to be written as they are read out of it
+/// ([`HfExport::write`]).
+pub fn export_weights<'a>(c: &ModelConfig, d: &'a Decoder) -> HfExport<'a> {
     export_layout(&Layout::new(c), d, None)
 }
 
 /// The Hugging Face tensors of a reward model, in the layout's order (`score.weight` last).
 pub fn export_reward(c: &ModelConfig, d: &Decoder, score: &Linear) -> Vec<(String, HostTensor)> {
     let num_labels = score.weight.val().dims()[1];
-    export_layout(&Layout::reward(c, num_labels), d, Some(score))
+    export_layout(&Layout::reward(c, num_labels), d, Some(score)).into_host()
 }
 
-fn export_layout(
-    layout: &Layout,
-    d: &Decoder,
-    score: Option<&Linear>,
-) -> Vec<(String, HostTensor)> {
-    let mut out = vec![(layout.embed.clone(), host(&d.embed))];
-    for (b, l) in d.blocks.iter().zip(&layout.blocks) {
-        write_norm(&b.ln1, &l.ln1, &mut out);
-        write_norm(&b.ln2, &l.ln2, &mut out);
-        write_linear(&b.qkv, &l.qkv, &mut out);
-        write_linear(&b.o, &l.o, &mut out);
-        write_linear(&b.mlp_in, &l.mlp_in, &mut out);
-        write_linear(&b.mlp_out, &l.mlp_out, &mut out);
-    }
-    write_norm(&d.final_norm, &layout.final_norm, &mut out);
-    match (&layout.head, &d.lm_head, score) {
-        (Head::LmHead { name, .. }, Some(w), _) => out.push((name.clone(), host(w).transpose2())),
-        (Head::Score { name, .. }, _, Some(s)) => {
-            out.push((name.clone(), host(&s.weight).transpose2()))
+/// A decoder's Hugging Face tensors, each named and shaped, its values still in the decoder's
+/// parameters: read out (and transposed) piece by piece when written, through a small buffer
+/// rather than a copy of the whole model.
+pub struct HfExport<'a> {
+    tensors: Vec<(String, Vec<usize>, Piece<'a>)>,
+}
+
+/// Where a Hugging Face tensor's values are in the decoder.
+enum Piece<'a> {
+    /// Columns `cols` of an `[in, out]` weight, transposed: rows `cols` of `[out, in]`.
+    Columns(&'a Param<Tensor<2>>, Range<usize>),
+    /// A matrix as it is (the embeddings).
+    Matrix(&'a Param<Tensor<2>>),
+    /// Elements of a vector.
+    Elems(&'a Param<Tensor<1>>, Range<usize>),
+    /// Bytes worked out beforehand (the parts of a row-permuted projection).
+    Bytes(Vec<u8>),
+}
+
+/// About how many bytes of a large tensor are read out of the backend at a time.
+const PIECE_BYTES: usize = 4 << 20;
+
+impl TensorBytes for Piece<'_> {
+    fn emit(&self, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        match self {
+            Piece::Columns(p, cols) => {
+                let w = p.val().detach();
+                let step = (PIECE_BYTES / (4 * w.dims()[0]).max(1)).max(1);
+                for c in cols.clone().step_by(step) {
+                    let part = w.clone().slice_dim(1, c..(c + step).min(cols.end));
+                    emit_data(part.transpose().into_data(), sink)?;
+                }
+                Ok(())
+            }
+            Piece::Matrix(p) => {
+                let w = p.val().detach();
+                let [rows, cols] = w.dims();
+                let step = (PIECE_BYTES / (4 * cols).max(1)).max(1);
+                for r in (0..rows).step_by(step) {
+                    let part = w.clone().slice_dim(0, r..(r + step).min(rows));
+                    emit_data(part.into_data(), sink)?;
+                }
+                Ok(())
+            }
+            Piece::Elems(p, range) => emit_data(
+                p.val().detach().slice_dim(0, range.clone()).into_data(),
+                sink,
+            ),
+            Piece::Bytes(b) => sink(b),
         }
-        _ => {}
     }
-    out
+}
+
+/// Hands a backend buffer's values to `sink` as f32 little-endian bytes (as they are, on a
+/// little-endian host with f32 parameters).
+fn emit_data(data: TensorData, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let data = if data.dtype() == DType::F32 {
+        data
+    } else {
+        data.convert::<f32>()
+    };
+    if cfg!(target_endian = "little") {
+        sink(data.as_bytes())
+    } else {
+        let v: Vec<f32> = bytemuck::pod_collect_to_vec(data.as_bytes());
+        sink(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+}
+
+impl HfExport<'_> {
+    /// Writes the tensors as `model.safetensors` ([`safetensors_io::write_f32_streamed`]): the
+    /// bytes of [`safetensors_io::serialize_f32`] of [`HfExport::into_host`], hashed on the way.
+    pub fn write(&self, path: &std::path::Path) -> Result<Written> {
+        let streamed: Vec<Streamed> = self
+            .tensors
+            .iter()
+            .map(|(name, shape, piece)| {
+                (name.as_str(), shape.as_slice(), piece as &dyn TensorBytes)
+            })
+            .collect();
+        safetensors_io::write_f32_streamed(path, &streamed)
+    }
+
+    /// The tensors as host tensors, in the layout's order (read out on all threads).
+    pub fn into_host(self) -> Vec<(String, HostTensor)> {
+        let read = |piece: &Piece| -> Vec<f32> {
+            let mut bytes = Vec::new();
+            piece
+                .emit(&mut |b| {
+                    bytes.extend_from_slice(b);
+                    Ok(())
+                })
+                .expect("reading a parameter back from the device");
+            let mut v: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+            if cfg!(target_endian = "big") {
+                for x in &mut v {
+                    *x = f32::from_bits(u32::from_le(x.to_bits()));
+                }
+            }
+            v
+        };
+        let data: Vec<Vec<f32>> = self.tensors.par_iter().map(|(_, _, p)| read(p)).collect();
+        self.tensors
+            .into_iter()
+            .zip(data)
+            .map(|((name, shape, _), data)| (name, HostTensor::new(shape, data)))
+            .collect()
+    }
+}
+
+fn export_layout<'a>(layout: &Layout, d: &'a Decoder, score: Option<&'a Linear>) -> HfExport<'a> {
+    let mut out: Vec<(String, Vec<usize>, Piece<'a>)> = Vec::new();
+    let [vocab, hidden] = layout.vocab_hidden;
+    out.push((
+        layout.embed.clone(),
+        vec![vocab, hidden],
+        Piece::Matrix(&d.embed),
+    ));
+    for (b, l) in d.blocks.iter().zip(&layout.blocks) {
+        export_norm(&b.ln1, &l.ln1, &mut out);
+        export_norm(&b.ln2, &l.ln2, &mut out);
+        export_linear(&b.qkv, &l.qkv, &mut out);
+        export_linear(&b.o, &l.o, &mut out);
+        export_linear(&b.mlp_in, &l.mlp_in, &mut out);
+        export_linear(&b.mlp_out, &l.mlp_out, &mut out);
+    }
+    export_norm(&d.final_norm, &layout.final_norm, &mut out);
+    let head = match (&layout.head, &d.lm_head, score) {
+        (Head::LmHead { name, .. }, Some(w), _) => Some((name, w)),
+        (Head::Score { name, .. }, _, Some(s)) => Some((name, &s.weight)),
+        _ => None,
+    };
+    if let Some((name, w)) = head {
+        let [rows, cols] = w.val().dims();
+        out.push((name.clone(), vec![cols, rows], Piece::Columns(w, 0..cols)));
+    }
+    HfExport { tensors: out }
+}
+
+/// A norm's tensors.
+fn export_norm<'a>(norm: &'a Norm, l: &NormLayout, out: &mut Vec<(String, Vec<usize>, Piece<'a>)>) {
+    out.push((
+        l.weight.clone(),
+        vec![l.dim],
+        Piece::Elems(&norm.weight, 0..l.dim),
+    ));
+    if let (Some(b), Some(name)) = (&norm.bias, &l.bias) {
+        out.push((name.clone(), vec![l.dim], Piece::Elems(b, 0..l.dim)));
+    }
+}
+
+/// The inverse of reading a linear: its parts' Hugging Face tensors, each a range of the
+/// decoder weight's columns (transposed), or, when the layout permutes rows, the parts of the
+/// whole weight read out and reordered.
+fn export_linear<'a>(
+    lin: &'a Linear,
+    l: &LinearLayout,
+    out: &mut Vec<(String, Vec<usize>, Piece<'a>)>,
+) {
+    let in_dim = l.in_dim;
+    let Some(perm) = &l.perm else {
+        let mut row = 0;
+        for p in &l.parts {
+            let rows = row..row + p.out;
+            out.push((
+                p.weight.clone(),
+                vec![p.out, in_dim],
+                Piece::Columns(&lin.weight, rows.clone()),
+            ));
+            if let (Some(bn), Some(b)) = (&p.bias, &lin.bias) {
+                out.push((bn.clone(), vec![p.out], Piece::Elems(b, rows)));
+            }
+            row += p.out;
+        }
+        return;
+    };
+    // Undo the permutation: stored row perm[r] = decoder row r (f32 bytes, rows of `in_dim`).
+    let bytes = |piece: Piece| {
+        let mut v = Vec::new();
+        piece
+            .emit(&mut |b| {
+                v.extend_from_slice(b);
+                Ok(())
+            })
+            .expect("reading a parameter back from the device");
+        v
+    };
+    let total = l.out_dim();
+    let w = bytes(Piece::Columns(&lin.weight, 0..total));
+    let b = lin.bias.as_ref().map(|b| bytes(Piece::Elems(b, 0..total)));
+    let row = 4 * in_dim;
+    let mut uw = vec![0u8; w.len()];
+    let mut ub = b.as_ref().map(|b| vec![0u8; b.len()]);
+    for (r, &src) in perm.iter().enumerate() {
+        uw[src * row..(src + 1) * row].copy_from_slice(&w[r * row..(r + 1) * row]);
+        if let (Some(ub), Some(b)) = (ub.as_mut(), b.as_ref()) {
+            ub[4 * src..4 * src + 4].copy_from_slice(&b[4 * r..4 * r + 4]);
+        }
+    }
+    let mut start = 0;
+    for p in &l.parts {
+        let rows = start..start + p.out;
+        out.push((
+            p.weight.clone(),
+            vec![p.out, in_dim],
+            Piece::Bytes(uw[rows.start * row..rows.end * row].to_vec()),
+        ));
+        if let (Some(bn), Some(ub)) = (&p.bias, ub.as_ref()) {
+            out.push((
+                bn.clone(),
+                vec![p.out],
+                Piece::Bytes(ub[4 * rows.start..4 * rows.end].to_vec()),
+            ));
+        }
+        start += p.out;
+    }
+}
+
+/// A `[rows, cols]` host buffer as the `[cols, rows]` parameter on `device`: the backend
+/// transposes it (burn-flex: a tiled copy), and the parameter is contiguous, as one built from
+/// host values is.
+fn param2_transposed(
+    data: Vec<f32>,
+    [rows, cols]: [usize; 2],
+    device: &Device,
+) -> Param<Tensor<2>> {
+    let t = Tensor::<2>::from_data(TensorData::new(data, [rows, cols]), device).transpose();
+    Param::from_tensor(Tensor::from_data(t.into_data(), device))
 }
 
 struct Reader<'a> {
@@ -163,39 +383,55 @@ struct Reader<'a> {
 }
 
 impl Source for Reader<'_> {
-    fn embed(&mut self, name: &str, shape: [usize; 2]) -> Result<HostTensor> {
-        self.files.take(name, &shape)
+    fn embed(&mut self, name: &str, shape: [usize; 2]) -> Result<Param<Tensor<2>>> {
+        Ok(param2(self.files.take(name, &shape)?, self.device))
     }
 
-    fn lm_head(&mut self, name: &str, vocab_hidden: [usize; 2]) -> Result<HostTensor> {
-        Ok(self.files.take(name, &vocab_hidden)?.transpose2())
+    fn lm_head(&mut self, name: &str, vocab_hidden: [usize; 2]) -> Result<Param<Tensor<2>>> {
+        let w = self.files.take(name, &vocab_hidden)?;
+        Ok(param2_transposed(w.data, vocab_hidden, self.device))
     }
 
     fn tied_lm_head(&mut self, name: &str) {
         self.files.skip(name);
     }
 
-    fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<HostTensor> {
-        Ok(self.files.take(name, &labels_hidden)?.transpose2())
+    fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<Linear> {
+        let w = self.files.take(name, &labels_hidden)?;
+        Ok(Linear {
+            weight: param2_transposed(w.data, labels_hidden, self.device),
+            bias: None,
+        })
     }
 
-    /// Reads the parts `[out_i, in]`, stacks them along `out`, reorders the rows by `perm`
-    /// (when given) and returns the `[in, out]` linear.
+    /// Reads the parts `[out_i, in]` into their rows of one `[out, in]` buffer, reorders the
+    /// rows by `perm` (when given) and returns the `[in, out]` linear.
     fn linear(&mut self, l: &LinearLayout) -> Result<Linear> {
         let (total, in_dim, has_bias) = (l.out_dim(), l.in_dim, l.has_bias());
-        let mut w = Vec::with_capacity(total * in_dim);
-        let mut b = Vec::with_capacity(total);
+        let mut w = vec![0f32; total * in_dim];
+        let mut b = vec![0f32; if has_bias { total } else { 0 }];
+        let mut row = 0;
         for p in &l.parts {
-            w.extend(self.files.take(&p.weight, &[p.out, in_dim])?.data);
-            if let Some(bn) = &p.bias {
-                b.extend(self.files.take(bn, &[p.out])?.data);
+            let rows = row * in_dim..(row + p.out) * in_dim;
+            self.files
+                .take_into(&p.weight, &[p.out, in_dim], &mut w[rows])?;
+            match &p.bias {
+                Some(bn) if has_bias => {
+                    self.files
+                        .take_into(bn, &[p.out], &mut b[row..row + p.out])?;
+                }
+                // Read (and so accounted for), but unused: not every part has a bias.
+                Some(bn) => drop(self.files.take(bn, &[p.out])?),
+                None => {}
             }
+            row += p.out;
         }
         let (w, b) = match &l.perm {
             Some(perm) => {
-                let mut pw = Vec::with_capacity(w.len());
-                for &src in perm {
-                    pw.extend_from_slice(&w[src * in_dim..(src + 1) * in_dim]);
+                let mut pw = vec![0f32; w.len()];
+                for (r, &src) in perm.iter().enumerate() {
+                    pw[r * in_dim..(r + 1) * in_dim]
+                        .copy_from_slice(&w[src * in_dim..(src + 1) * in_dim]);
                 }
                 let pb = if has_bias {
                     perm.iter().map(|&s| b[s]).collect()
@@ -206,9 +442,10 @@ impl Source for Reader<'_> {
             }
             None => (w, b),
         };
-        let weight = HostTensor::new(vec![total, in_dim], w).transpose2();
-        let bias = has_bias.then(|| HostTensor::new(vec![total], b));
-        Ok(Linear::from_host(weight, bias, self.device))
+        Ok(Linear {
+            weight: param2_transposed(w, [total, in_dim], self.device),
+            bias: has_bias.then(|| param1(HostTensor::new(vec![total], b), self.device)),
+        })
     }
 
     fn norm(&mut self, n: &NormLayout) -> Result<Norm> {
@@ -226,52 +463,95 @@ impl Source for Reader<'_> {
     }
 }
 
-/// The inverse of reading a linear: pushes its parts' Hugging Face tensors.
-fn write_linear(lin: &Linear, l: &LinearLayout, out: &mut Vec<(String, HostTensor)>) {
-    let w = host(&lin.weight).transpose2(); // [total, in]
-    let [total, in_dim] = [w.shape[0], w.shape[1]];
-    let b = lin.bias.as_ref().map(host);
-    // Undo the permutation: stored row perm[r] = decoder row r.
-    let (w, b) = match &l.perm {
-        Some(perm) => {
-            let mut uw = vec![0f32; total * in_dim];
-            let mut ub = b.as_ref().map(|_| vec![0f32; total]);
-            for (r, &src) in perm.iter().enumerate() {
-                uw[src * in_dim..(src + 1) * in_dim]
-                    .copy_from_slice(&w.data[r * in_dim..(r + 1) * in_dim]);
-                if let (Some(ub), Some(b)) = (ub.as_mut(), b.as_ref()) {
-                    ub[src] = b.data[r];
-                }
-            }
-            (uw, ub)
+/// Pairs of normal draws per ChaCha buffer: the core makes 64 words at a time, and a pair takes
+/// two u64, four words.
+const PAIRS_PER_BUFFER: u64 = 16;
+
+/// The u64 stream of rand 0.9's `StdRng::seed_from_u64(seed)` (a `ChaCha12Rng`, whose
+/// `next_u64` joins two consecutive words, low first), read straight from the ChaCha core one
+/// 64-word buffer at a time: one call into optimized code per 16 pairs instead of two
+/// unoptimized calls per pair, and a stream that can be cloned and run ahead (a clone skips
+/// buffers by generating them, which is cheap next to the arithmetic on each pair).
+#[derive(Clone)]
+struct Stream {
+    core: ChaCha12Core,
+    /// The index of the buffer the next `generate` makes.
+    next: u64,
+    /// Buffer `next - 1` (when `next > 0`).
+    buf: <ChaCha12Core as BlockRngCore>::Results,
+}
+
+impl Stream {
+    fn new(seed: u64) -> Stream {
+        Stream {
+            core: ChaCha12Core::seed_from_u64(seed),
+            next: 0,
+            buf: Default::default(),
         }
-        None => (w.data, b.map(|b| b.data)),
-    };
-    let mut row = 0;
-    for p in &l.parts {
-        let data = w[row * in_dim..(row + p.out) * in_dim].to_vec();
-        out.push((p.weight.clone(), HostTensor::new(vec![p.out, in_dim], data)));
-        if let (Some(bn), Some(b)) = (&p.bias, b.as_ref()) {
-            out.push((
-                bn.clone(),
-                HostTensor::new(vec![p.out], b[row..row + p.out].to_vec()),
-            ));
+    }
+
+    /// Buffer `b`, which must not come before the last one made.
+    fn buffer(&mut self, b: u64) -> &[u32] {
+        assert!(b + 1 >= self.next, "the stream only runs forward");
+        while self.next <= b {
+            self.core.generate(&mut self.buf);
+            self.next += 1;
         }
-        row += p.out;
+        self.buf.as_ref()
     }
 }
 
-/// Pushes a norm's tensors.
-fn write_norm(norm: &Norm, l: &NormLayout, out: &mut Vec<(String, HostTensor)>) {
-    out.push((l.weight.clone(), host(&norm.weight)));
-    if let (Some(b), Some(name)) = (&norm.bias, &l.bias) {
-        out.push((name.clone(), host(b)));
+/// Fills `out` with Box-Muller draws from pair `first` of the stream on: pair `p` (u64s `2p`,
+/// `2p + 1`) gives `r cos t` and then, if there is room, `r sin t`, each times `std`. The same
+/// arithmetic, in the same order, as drawing `u1 = 1 - rng.random::<f64>()` and
+/// `u2 = rng.random::<f64>()` (`(x >> 11) * 2^-53`) from the `StdRng`.
+fn fill_normal(stream: &mut Stream, first: u64, out: &mut [f32], std: f32) {
+    const SCALE: f64 = 1.0 / ((1u64 << 53) as f64);
+    let n = out.len();
+    let (mut i, mut p) = (0, first);
+    while i < n {
+        let w = stream.buffer(p / PAIRS_PER_BUFFER);
+        let mut k = (4 * (p % PAIRS_PER_BUFFER)) as usize;
+        while k < 64 && i < n {
+            let a = (u64::from(w[k + 1]) << 32) | u64::from(w[k]);
+            let b = (u64::from(w[k + 3]) << 32) | u64::from(w[k + 2]);
+            let u1 = 1.0 - SCALE * ((a >> 11) as f64);
+            let u2 = SCALE * ((b >> 11) as f64);
+            let r = (-2.0 * u1.ln()).sqrt();
+            let t = 2.0 * std::f64::consts::PI * u2;
+            out[i] = (r * t.cos()) as f32 * std;
+            if i + 1 < n {
+                out[i + 1] = (r * t.sin()) as f32 * std;
+            }
+            i += 2;
+            k += 4;
+            p += 1;
+        }
     }
+}
+
+/// Where `threads` chunks of `pairs` pairs start, so that each takes about as long: chunk `k`
+/// first skips `start_k` pairs (generating their buffers, about a fifth of the cost of
+/// drawing a pair in the dev profile), so later chunks are shorter.
+fn chunk_starts(pairs: u64, threads: usize) -> Vec<u64> {
+    const SKIP: f64 = 0.2;
+    let t = threads.max(1) as i32;
+    let keep = 1.0 - SKIP;
+    let per = pairs as f64 * SKIP / (1.0 - keep.powi(t));
+    let mut starts: Vec<u64> = (0..t)
+        .map(|k| ((per * (1.0 - keep.powi(k)) / SKIP) as u64).min(pairs))
+        .collect();
+    starts.dedup();
+    // No empty chunk (but one, empty, when there is nothing to draw).
+    starts.retain(|&s| s == 0 || s < pairs);
+    starts
 }
 
 /// Seeded source of fresh weights (host-side, so every backend gets the same numbers).
 pub struct Init {
-    rng: StdRng,
+    stream: Stream,
+    /// Pairs drawn so far.
+    pos: u64,
     std: f32,
     device: Device,
 }
@@ -280,43 +560,68 @@ impl Init {
     /// A generator of `N(0, std)` weights seeded by `seed`, for parameters on `device`.
     pub fn new(seed: u64, std: f64, device: &Device) -> Self {
         Init {
-            rng: StdRng::seed_from_u64(seed),
+            stream: Stream::new(seed),
+            pos: 0,
             std: std as f32,
             device: device.clone(),
         }
     }
 
-    /// Normal draws (Box-Muller) filling `shape`.
+    /// Normal draws (Box-Muller) filling `shape`: those of a `StdRng` seeded as [`Init::new`]
+    /// says, consumed pair by pair from one tensor to the next; large tensors are drawn on all
+    /// threads.
     pub fn normal(&mut self, shape: Vec<usize>) -> HostTensor {
         let n: usize = shape.iter().product();
-        let mut data = Vec::with_capacity(n);
-        while data.len() < n {
-            let u1: f64 = 1.0 - self.rng.random::<f64>(); // (0, 1]
-            let u2: f64 = self.rng.random::<f64>();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let t = 2.0 * std::f64::consts::PI * u2;
-            data.push((r * t.cos()) as f32 * self.std);
-            if data.len() < n {
-                data.push((r * t.sin()) as f32 * self.std);
-            }
+        let pairs = n.div_ceil(2) as u64;
+        let mut data = vec![0f32; n];
+        let threads = if pairs < 1 << 16 {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
+        let starts = chunk_starts(pairs, threads);
+        let mut chunks = Vec::with_capacity(starts.len());
+        let mut rest = data.as_mut_slice();
+        for (k, &s) in starts.iter().enumerate() {
+            let end = starts.get(k + 1).map_or(n, |&e| 2 * e as usize);
+            let (chunk, tail) = rest.split_at_mut(end - 2 * s as usize);
+            chunks.push((self.pos + s, chunk));
+            rest = tail;
         }
+        let (master, std) = (&self.stream, self.std);
+        let ends: Vec<Stream> = chunks
+            .into_par_iter()
+            .map(|(first, out)| {
+                let mut s = master.clone();
+                fill_normal(&mut s, first, out, std);
+                s
+            })
+            .collect();
+        if let Some(last) = ends.into_iter().last() {
+            self.stream = last;
+        }
+        self.pos += pairs;
         HostTensor::new(shape, data)
     }
 }
 
 impl Source for Init {
-    fn embed(&mut self, _: &str, shape: [usize; 2]) -> Result<HostTensor> {
-        Ok(self.normal(shape.to_vec()))
+    fn embed(&mut self, _: &str, shape: [usize; 2]) -> Result<Param<Tensor<2>>> {
+        Ok(param2(self.normal(shape.to_vec()), &self.device))
     }
 
-    fn lm_head(&mut self, _: &str, [vocab, hidden]: [usize; 2]) -> Result<HostTensor> {
-        Ok(self.normal(vec![hidden, vocab]))
+    fn lm_head(&mut self, _: &str, [vocab, hidden]: [usize; 2]) -> Result<Param<Tensor<2>>> {
+        Ok(param2(self.normal(vec![hidden, vocab]), &self.device))
     }
 
     fn tied_lm_head(&mut self, _: &str) {}
 
-    fn score(&mut self, _: &str, labels_hidden: [usize; 2]) -> Result<HostTensor> {
-        Ok(self.normal(labels_hidden.to_vec()).transpose2())
+    fn score(&mut self, _: &str, labels_hidden: [usize; 2]) -> Result<Linear> {
+        let w = self.normal(labels_hidden.to_vec());
+        Ok(Linear {
+            weight: param2_transposed(w.data, labels_hidden, &self.device),
+            bias: None,
+        })
     }
 
     /// Normal weight drawn in the decoder's `[in, out]` order, zero bias, as transformers
@@ -339,5 +644,77 @@ impl Source for Init {
             eps: n.eps,
             rms: n.rms,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, rngs::StdRng};
+
+    use super::*;
+
+    /// The generator as it was: one `StdRng`, drawn pair by pair (the bytes of every `model`
+    /// stage's fresh weights).
+    fn reference(seed: u64, std: f32, shapes: &[usize]) -> Vec<Vec<f32>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        shapes
+            .iter()
+            .map(|&n| {
+                let mut data = Vec::with_capacity(n);
+                while data.len() < n {
+                    let u1: f64 = 1.0 - rng.random::<f64>();
+                    let u2: f64 = rng.random::<f64>();
+                    let r = (-2.0 * u1.ln()).sqrt();
+                    let t = 2.0 * std::f64::consts::PI * u2;
+                    data.push((r * t.cos()) as f32 * std);
+                    if data.len() < n {
+                        data.push((r * t.sin()) as f32 * std);
+                    }
+                }
+                data
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_generator_draws_what_one_stdrng_draws() {
+        let device = crate::device::parse_device("cpu").unwrap();
+        // Odd and even sizes, empty ones, sizes that end mid-buffer, and large ones that are
+        // drawn in chunks on several threads.
+        let shapes = [5, 0, 32, 1, 33, 300_001, 131_072, 7, 262_146];
+        let want = reference(11, 0.02, &shapes);
+        let mut init = Init::new(11, 0.02, &device);
+        for (n, want) in shapes.iter().zip(&want) {
+            let got = init.normal(vec![*n]).data;
+            let same = got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && got.len() == want.len(), "size {n}");
+        }
+        // With more chunks than this machine has threads.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(5)
+            .build()
+            .unwrap();
+        let want = reference(3, 1.0, &[3, 400_003]);
+        let got = pool.install(|| {
+            let mut init = Init::new(3, 1.0, &device);
+            [init.normal(vec![3]).data, init.normal(vec![400_003]).data]
+        });
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_pairs_in_order() {
+        for (pairs, threads) in [(0, 2), (1, 1), (10, 4), (1 << 20, 2), (12_345_678, 16)] {
+            let s = chunk_starts(pairs, threads);
+            assert_eq!(s[0], 0);
+            assert!(s.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+            assert!(pairs == 0 || *s.last().unwrap() < pairs);
+            assert!(s.len() <= threads.max(1));
+        }
     }
 }

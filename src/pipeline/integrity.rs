@@ -1,13 +1,15 @@
 //! Integrity of stored artifacts: a cheap check before an artifact is read (sizes always,
 //! content only when a file's size or mtime changed since it was last seen intact) and the full
-//! re-hash of `sepo verify`. Links and special files are reported, never followed or read.
+//! re-hash of `sepo verify` (blake3 on all threads, [`hash_file_parallel`]). Links and special
+//! files are reported, never followed or read.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::hash::hash_file;
-use super::store::{EntryType, MANIFEST, Manifest, Store, entry_type, list_tree, write_atomic};
+use super::store::{
+    EntryType, MANIFEST, Manifest, Store, entry_type, hash_file_parallel, list_tree, write_atomic,
+};
 
 /// (size, mtime in ns) of a regular file, read without following links.
 fn stat(path: &Path) -> Option<(u64, i128)> {
@@ -82,7 +84,7 @@ impl Store {
                         ));
                     } else if verified.get(&f.path) != Some(&(size, mtime)) {
                         rehashed = true;
-                        if hash_file(&p)? != f.blake3 {
+                        if hash_file_parallel(&p)? != f.blake3 {
                             problems.push(format!("{}: content changed", p.display()));
                         }
                     }
@@ -162,7 +164,7 @@ impl Store {
                             p.display(),
                             f.size
                         ));
-                    } else if hash_file(&p)? != f.blake3 {
+                    } else if hash_file_parallel(&p)? != f.blake3 {
                         problems.push(format!("{}: content changed", p.display()));
                     }
                 }

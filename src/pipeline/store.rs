@@ -7,8 +7,10 @@
 //! never read, hashed or deleted through. A cache is recognisable by its marker file, written the
 //! first time sepo writes into it; `gc` refuses any folder without one.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -134,8 +136,145 @@ pub fn list_tree(dir: &Path) -> Result<Vec<(String, EntryType)>> {
     Ok(out)
 }
 
+/// A file's hash, computed while it was written, and the (size, mtime in ns) it had then.
+struct WrittenHash {
+    size: u64,
+    mtime_ns: i128,
+    blake3: String,
+}
+
+/// Hashes of files computed as they were written ([`record_written`]), by canonical path: what
+/// [`describe_files`] takes instead of reading a file that a stage has just written (a model's
+/// weights: hundreds of megabytes). Process-local; each entry is used at most once.
+static WRITTEN: Mutex<Option<HashMap<PathBuf, WrittenHash>>> = Mutex::new(None);
+
+/// At most this many entries are kept (a writer whose files are never described, e.g. an
+/// export outside the store, must not make the map grow without end).
+const WRITTEN_MAX: usize = 4096;
+
+/// (size, mtime in ns) of a regular file, read without following links.
+fn size_mtime(path: &Path) -> Option<(u64, i128)> {
+    let m = std::fs::symlink_metadata(path).ok()?;
+    if !m.file_type().is_file() {
+        return None;
+    }
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos() as i128;
+    Some((m.len(), mtime))
+}
+
+/// Records that `path`, just written and closed, holds `size` bytes whose blake3 is `blake3`
+/// (computed over the bytes as they were written). [`describe_files`] uses it instead of
+/// re-reading the file as long as the file still has that size and the mtime it has now, the
+/// rule the store's own integrity check ([`Store::check`]) and the external-file hash cache go
+/// by. Nothing is recorded when the file's size already differs.
+pub fn record_written(path: &Path, size: u64, blake3: String) {
+    let (Some((now_size, mtime_ns)), Ok(key)) = (size_mtime(path), std::fs::canonicalize(path))
+    else {
+        return;
+    };
+    if now_size != size {
+        return;
+    }
+    let mut map = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    if map.len() >= WRITTEN_MAX {
+        map.clear();
+    }
+    map.insert(
+        key,
+        WrittenHash {
+            size,
+            mtime_ns,
+            blake3,
+        },
+    );
+}
+
+/// The blake3 of `path` recorded by [`record_written`], if the file is unchanged since (same
+/// size and mtime); the entry is dropped either way.
+fn written_hash(path: &Path) -> Option<String> {
+    let key = std::fs::canonicalize(path).ok()?;
+    let entry = WRITTEN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()?
+        .remove(&key)?;
+    (size_mtime(path)? == (entry.size, entry.mtime_ns)).then_some(entry.blake3)
+}
+
+/// blake3 of a file's bytes, hex: the same digest as [`hash_file`], computed on all threads for a
+/// large file. BLAKE3 is a tree: the file is split as the tree splits (the left subtree the
+/// largest power-of-two number of chunks), the subtrees are hashed in parallel, each read with
+/// its own handle, and their chaining values merged.
+pub fn hash_file_parallel(path: &Path) -> Result<String> {
+    hash_file_split(path, 32 << 20)
+}
+
+/// [`hash_file_parallel`] with subtrees of at most `leaf` bytes hashed whole (smaller in tests).
+fn hash_file_split(path: &Path, leaf: u64) -> Result<String> {
+    use blake3::hazmat::{Mode, left_subtree_len, merge_subtrees_root};
+    let len = std::fs::symlink_metadata(path)
+        .with_context(|| format!("{}: cannot stat", path.display()))?
+        .len();
+    if len <= leaf || rayon::current_num_threads() < 2 {
+        return hash_file(path);
+    }
+    let left = left_subtree_len(len);
+    let (a, b) = rayon::join(
+        || subtree_cv(path, 0, left, leaf),
+        || subtree_cv(path, left, len - left, leaf),
+    );
+    let digest = merge_subtrees_root(&a?, &b?, Mode::Hash);
+    // A file that changed size meanwhile is hashed again, whole, as it now is.
+    if std::fs::symlink_metadata(path).map(|m| m.len()).ok() != Some(len) {
+        return hash_file(path);
+    }
+    Ok(digest.to_hex().to_string())
+}
+
+/// The chaining value of the subtree of `path` that starts at `offset` (a multiple of its size's
+/// power of two, as the tree places it) and holds `len` bytes.
+fn subtree_cv(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    leaf: u64,
+) -> Result<blake3::hazmat::ChainingValue> {
+    use blake3::hazmat::{HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
+    use std::io::{Read, Seek, SeekFrom};
+    if len > leaf {
+        let left = left_subtree_len(len);
+        let (a, b) = rayon::join(
+            || subtree_cv(path, offset, left, leaf),
+            || subtree_cv(path, offset + left, len - left, leaf),
+        );
+        return Ok(merge_subtrees_non_root(&a?, &b?, Mode::Hash));
+    }
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    f.seek(SeekFrom::Start(offset))
+        .with_context(|| format!("{}: read failed", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(offset);
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut left = len;
+    while left > 0 {
+        let n = (buf.len() as u64).min(left) as usize;
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("{}: read failed", path.display()))?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hasher.finalize_non_root())
+}
+
 /// Lists the files under `dir` (relative, `/`-separated, sorted), with blake3 and size. A stage
-/// output holding a link or special file is refused: the store never follows links.
+/// output holding a link or special file is refused: the store never follows links. A file
+/// hashed as it was written ([`record_written`]) and unchanged since is not read again.
 pub fn describe_files(dir: &Path) -> Result<Vec<FileEntry>> {
     let mut out = Vec::new();
     for (rel, t) in list_tree(dir)? {
@@ -149,8 +288,12 @@ pub fn describe_files(dir: &Path) -> Result<Vec<FileEntry>> {
                 p.display()
             );
         }
+        let blake3 = match written_hash(&p) {
+            Some(h) => h,
+            None => hash_file_parallel(&p)?,
+        };
         out.push(FileEntry {
-            blake3: hash_file(&p)?,
+            blake3,
             size: std::fs::symlink_metadata(&p)?.len(),
             path: rel,
         });
@@ -471,6 +614,46 @@ mod tests {
         assert_eq!(rfc3339_utc(t(0)), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339_utc(t(951_782_400)), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339_utc(t(1_795_781_730)), "2026-11-27T12:15:30Z");
+    }
+
+    #[test]
+    fn the_tree_split_hash_is_blake3() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        // Sizes around chunk (1 KiB) and leaf boundaries; leaves of 4 KiB force deep splits.
+        for len in [
+            0usize, 1, 1023, 1024, 1025, 4096, 4097, 10_000, 65_536, 100_003,
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(&p, &bytes).unwrap();
+            let want = blake3::hash(&bytes).to_hex().to_string();
+            assert_eq!(hash_file_split(&p, 4096).unwrap(), want, "{len} bytes");
+            assert_eq!(hash_file_parallel(&p).unwrap(), want, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn a_hash_recorded_while_writing_is_used_once_and_only_for_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.bin");
+        std::fs::write(&p, b"written").unwrap();
+        let real = hash_file(&p).unwrap();
+        // A recorded hash stands in for reading the file (a wrong one shows it was used) ...
+        record_written(&p, 7, "recorded".into());
+        assert_eq!(describe_files(dir.path()).unwrap()[0].blake3, "recorded");
+        // ... once.
+        assert_eq!(describe_files(dir.path()).unwrap()[0].blake3, real);
+        // Not when the size recorded is not the file's.
+        record_written(&p, 8, "recorded".into());
+        assert_eq!(describe_files(dir.path()).unwrap()[0].blake3, real);
+        // Not when the file changed after it was recorded.
+        record_written(&p, 7, "recorded".into());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&p, b"changed!").unwrap();
+        assert_eq!(
+            describe_files(dir.path()).unwrap()[0].blake3,
+            hash_file(&p).unwrap()
+        );
     }
 
     #[test]

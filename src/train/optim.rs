@@ -28,6 +28,8 @@ use safetensors::tensor::{Dtype as SafeDtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::model::safetensors_io;
+
 // ------------------------------------------------------------------------------------------------
 // gradients
 // ------------------------------------------------------------------------------------------------
@@ -302,11 +304,9 @@ impl AdamW {
     /// safetensors reader (Python's included) can open it.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut raws = Vec::with_capacity(2 * self.states.len());
-        let mut steps = BTreeMap::new();
         for (path, s) in &self.states {
             raws.push((format!("{path}.exp_avg"), raw(&s.exp_avg)));
             raws.push((format!("{path}.exp_avg_sq"), raw(&s.exp_avg_sq)));
-            steps.insert(path.clone(), s.step);
         }
         let views: Vec<(String, TensorView)> = raws
             .iter()
@@ -316,24 +316,34 @@ impl AdamW {
                 (name.clone(), view)
             })
             .collect();
-        // One metadata key: a HashMap of several would be written in a random order, and the
-        // same state must always give the same bytes.
-        let meta = serde_json::json!({"format": FORMAT, "config": self.config, "steps": steps});
-        let metadata = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
-        safetensors::serialize(views, Some(metadata)).expect("valid safetensors")
+        safetensors::serialize(views, Some(self.metadata())).expect("valid safetensors")
     }
 
     /// The inverse of [`to_bytes`](Self::to_bytes); state tensors are created on `device` (use the
     /// training device; a state on another device is moved at its next step anyway).
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
-        // Optimizer state never takes part in autodiff.
-        let device = &device.clone().without_autodiff();
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("not a sepo AdamW state file ({e})"))?;
         let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow::anyhow!("not a sepo AdamW state file ({e})"))?;
-        let meta: Value = header
-            .metadata()
+        let tensor = |name: &str| -> Result<(SafeDtype, Vec<usize>, Vec<u8>)> {
+            let v = st
+                .tensor(name)
+                .map_err(|e| anyhow::anyhow!("AdamW state {name}: {e}"))?;
+            Ok((v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        };
+        Self::from_parts(header.metadata(), tensor, device)
+    }
+
+    /// The state from its header's metadata and its tensors (dtype, shape, raw bytes) by name.
+    fn from_parts(
+        metadata: &Option<HashMap<String, String>>,
+        tensor: impl Fn(&str) -> Result<(SafeDtype, Vec<usize>, Vec<u8>)>,
+        device: &Device,
+    ) -> Result<Self> {
+        // Optimizer state never takes part in autodiff.
+        let device = &device.clone().without_autodiff();
+        let meta: Value = metadata
             .as_ref()
             .and_then(|m| m.get(META_KEY))
             .and_then(|v| serde_json::from_str(v).ok())
@@ -352,12 +362,10 @@ impl AdamW {
         let mut states = BTreeMap::new();
         for (path, step) in steps {
             let tensor = |name: String| -> Result<Tensor<1>> {
-                let v = st
-                    .tensor(&name)
-                    .map_err(|e| anyhow::anyhow!("AdamW state {name}: {e}"))?;
-                let dtype = from_st_dtype(v.dtype())?;
-                let numel: usize = v.shape().iter().product();
-                let data = TensorData::from_bytes_vec(v.data().to_vec(), [numel], dtype);
+                let (dtype, shape, bytes) = tensor(&name)?;
+                let dtype = from_st_dtype(dtype)?;
+                let numel: usize = shape.iter().product();
+                let data = TensorData::from_bytes_vec(bytes, [numel], dtype);
                 Ok(Tensor::from_data(data, (device, dtype)))
             };
             let state = AdamState {
@@ -370,16 +378,79 @@ impl AdamW {
         Ok(Self { config, states })
     }
 
-    /// Writes [`to_bytes`](Self::to_bytes) to `path` atomically.
+    /// Writes [`to_bytes`](Self::to_bytes) to `path` atomically (a temporary file beside it,
+    /// synced, then renamed), streaming each state tensor out of the backend a few megabytes at
+    /// a time instead of assembling the file (twice the model's size) in memory.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::util::write_atomic(path.as_ref(), &self.to_bytes())
+        use std::io::Write;
+        let path = path.as_ref();
+        let mut tensors: Vec<(String, &Tensor<1>)> = Vec::with_capacity(2 * self.states.len());
+        for (p, s) in &self.states {
+            tensors.push((format!("{p}.exp_avg"), &s.exp_avg));
+            tensors.push((format!("{p}.exp_avg_sq"), &s.exp_avg_sq));
+        }
+        let shapes: Vec<[usize; 1]> = tensors.iter().map(|(_, t)| t.dims()).collect();
+        let entries: Vec<(&str, SafeDtype, &[usize], usize)> = tensors
+            .iter()
+            .zip(&shapes)
+            .map(|((name, t), shape)| {
+                let dtype = t.dtype();
+                (
+                    name.as_str(),
+                    st_dtype(dtype),
+                    &shape[..],
+                    shape[0] * dtype.size(),
+                )
+            })
+            .collect();
+        let (header, order) = safetensors_io::header(&entries, Some(self.metadata()))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut f = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f.as_file_mut());
+        let mut write = || -> std::io::Result<()> {
+            out.write_all(&header)?;
+            for &i in &order {
+                let (t, n) = (tensors[i].1, shapes[i][0]);
+                let step = ((4 << 20) / t.dtype().size()).max(1);
+                for start in (0..n).step_by(step) {
+                    let piece = t.clone().slice_dim(0, start..(start + step).min(n));
+                    out.write_all(piece.into_data().as_bytes())?;
+                }
+            }
+            out.flush()
+        };
+        write().with_context(|| format!("{}: cannot write", path.display()))?;
+        drop(out);
+        f.as_file()
+            .sync_all()
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        f.persist(path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(())
     }
 
+    /// Reads a state [`save`](Self::save) wrote, each tensor straight from the file into the
+    /// buffer it lives in (the file is never held whole in memory).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_bytes(&bytes, device)
+        let file = safetensors_io::SafetensorsFile::open(path)
+            .map_err(|e| anyhow::anyhow!("not a sepo AdamW state file ({e:#})"))
+            .with_context(|| format!("loading AdamW state {}", path.display()))?;
+        Self::from_parts(file.metadata(), |name| file.read(name), device)
             .with_context(|| format!("loading AdamW state {}", path.display()))
+    }
+
+    /// The header metadata: one key (a HashMap of several would be written in a random order,
+    /// and the same state must always give the same bytes).
+    fn metadata(&self) -> HashMap<String, String> {
+        let steps: BTreeMap<&String, u64> = self.states.iter().map(|(p, s)| (p, s.step)).collect();
+        let meta = serde_json::json!({"format": FORMAT, "config": self.config, "steps": steps});
+        HashMap::from([(META_KEY.to_string(), meta.to_string())])
     }
 }
 
@@ -395,17 +466,21 @@ struct Raw {
 
 fn raw(t: &Tensor<1>) -> Raw {
     let data = t.to_data();
-    let dtype = match data.dtype() {
+    let dtype = st_dtype(data.dtype());
+    Raw {
+        numel: data.num_elements(),
+        bytes: data.as_bytes().to_vec(),
+        dtype,
+    }
+}
+
+fn st_dtype(d: DType) -> SafeDtype {
+    match d {
         DType::F64 => SafeDtype::F64,
         DType::F32 => SafeDtype::F32,
         DType::F16 => SafeDtype::F16,
         DType::BF16 => SafeDtype::BF16,
         other => panic!("AdamW state of dtype {other:?} cannot be saved"),
-    };
-    Raw {
-        numel: data.num_elements(),
-        bytes: data.as_bytes().to_vec(),
-        dtype,
     }
 }
 

@@ -1,0 +1,155 @@
+//! Weights at disk speed, without a byte changed: saving streams each tensor out of the model
+//! (hashing it on the way) and loading reads each tensor straight into place, and both must give
+//! exactly what the plain path gives — the bytes of `serialize_f32` of the model's Hugging Face
+//! tensors, a bit-exact model back, the blake3 of the bytes on disk — for every family's layout
+//! (fused and split projections, gpt_neox's interleaved one, biases, tied heads), on a plain and an
+//! autodiff device. The optimizer half of a checkpoint likewise: the file `AdamW::save` streams is
+//! `AdamW::to_bytes`, and loading it back restores the state exactly.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use sepo::model::safetensors_io::{HostTensor, read_all_f32, serialize_f32};
+use sepo::model::{CausalLm, ModelConfig};
+use sepo::train::{AdamW, AdamWConfig, ParamGrads};
+
+fn cpu() -> burn::tensor::Device {
+    sepo::device::parse_device("cpu").unwrap()
+}
+
+fn config(v: serde_json::Value) -> ModelConfig {
+    serde_json::from_value(v).unwrap()
+}
+
+/// One small model of each layout the weights code distinguishes.
+fn configs() -> Vec<(&'static str, ModelConfig)> {
+    vec![
+        (
+            "llama, GQA",
+            config(
+                serde_json::json!({"architecture": "llama", "vocab_size": 97,
+                "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 24}),
+            ),
+        ),
+        (
+            "llama, tied head",
+            config(
+                serde_json::json!({"architecture": "llama", "vocab_size": 50,
+                "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "intermediate_size": 12, "tie_word_embeddings": true}),
+            ),
+        ),
+        (
+            "gpt_neox (interleaved qkv, biases, LayerNorm)",
+            config(
+                serde_json::json!({"architecture": "gpt_neox", "vocab_size": 61,
+                "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 48}),
+            ),
+        ),
+        (
+            "qwen2 (q/k/v biases)",
+            config(
+                serde_json::json!({"architecture": "qwen2", "vocab_size": 70,
+                "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 20}),
+            ),
+        ),
+    ]
+}
+
+fn bits(t: &[(String, HostTensor)]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    t.iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.shape.clone(),
+                t.data.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn saving_streams_the_bytes_of_serialize_f32_and_loading_reads_them_back_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, cfg) in configs() {
+        for (dev_name, device) in [("cpu", cpu()), ("autodiff", cpu().autodiff())] {
+            let model = CausalLm::init(&cfg, &device, 5).unwrap();
+            let dir = tmp
+                .path()
+                .join(format!("{}-{dev_name}", cfg.architecture.model_type()));
+            model.save(&dir).unwrap();
+            let file = std::fs::read(dir.join("model.safetensors")).unwrap();
+            let tensors = model.hf_tensors();
+            assert!(
+                file == serialize_f32(&tensors).unwrap(),
+                "{what} on {dev_name}: the streamed file is not serialize_f32 of the tensors"
+            );
+            // Loading (pieces read into place, transposed by the backend) gives the same model.
+            let back = CausalLm::load(&dir, &device).unwrap();
+            assert!(
+                bits(&back.hf_tensors()) == bits(&tensors),
+                "{what} on {dev_name}: load(save(m)) != m"
+            );
+            // And the file read whole agrees.
+            let all = read_all_f32(&dir.join("model.safetensors")).unwrap();
+            for (name, t) in &tensors {
+                assert_eq!(&all[name], t, "{what}: {name}");
+            }
+            // A second save of the loaded model: the same bytes.
+            back.save(&tmp.path().join("again")).unwrap();
+            assert!(std::fs::read(tmp.path().join("again/model.safetensors")).unwrap() == file);
+        }
+    }
+}
+
+#[test]
+fn a_large_tensor_is_written_in_pieces_with_the_same_bytes() {
+    // The embeddings (2000 x 1100 x 4 bytes, 8.8 MB) and the head go out in several pieces.
+    let cfg = config(
+        serde_json::json!({"architecture": "llama", "vocab_size": 2000,
+        "hidden_size": 1100, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 8}),
+    );
+    let model = CausalLm::init(&cfg, &cpu(), 1).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    model.save(tmp.path()).unwrap();
+    let file = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
+    assert!(file == serialize_f32(&model.hf_tensors()).unwrap());
+}
+
+/// A two-parameter AdamW state after one step on a tiny model.
+fn stepped_optimizer() -> AdamW {
+    let device = cpu().autodiff();
+    let cfg = &configs()[0].1;
+    let model = CausalLm::init(cfg, &device, 2).unwrap();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &device);
+    let targets =
+        Tensor::<2, Int>::from_data(TensorData::new(vec![5i64, 9, 3, 7], [1, 4]), &device);
+    let loss = model.token_logprobs(ids, targets).mean().neg();
+    let grads = ParamGrads::from_backward(&model, loss.backward());
+    let mut opt = AdamWConfig::default().with_weight_decay(0.01).init();
+    let _ = opt.step(1e-3, model, grads);
+    opt
+}
+
+#[test]
+fn the_optimizer_state_file_is_to_bytes_and_loads_back_exactly() {
+    let opt = stepped_optimizer();
+    assert!(opt.num_states() > 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("optim.safetensors");
+    opt.save(&path).unwrap();
+    let bytes = opt.to_bytes();
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "save() wrote other bytes than to_bytes()"
+    );
+    let back = AdamW::load(&path, &cpu()).unwrap();
+    assert!(back.to_bytes() == bytes);
+    assert_eq!(back.steps(), opt.steps());
+    // A damaged file is refused, naming what it is.
+    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    let err = format!("{:#}", AdamW::load(&path, &cpu()).unwrap_err());
+    assert!(err.contains("AdamW state"), "{err}");
+}
