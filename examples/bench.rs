@@ -1,9 +1,14 @@
-//! Throughput benchmark (not a test): forward log-probs and SFT / DPO / SePO training steps on a
-//! 4-layer, 256-wide Llama with the Llama-2 vocabulary (32000), batch 8 x 256 tokens.
+//! Throughput benchmark (not a test): forward log-probs and SFT / DPO / SePO training steps.
+//! Default: a 4-layer, 256-wide Llama with the Llama-2 vocabulary (32000), batch 8 x 256 tokens
+//! of seeded random ids. `--model tinyllama` is the TinyLlama-1.1B shape (22 layers, 2048 wide,
+//! 32/4 heads); `--batch`, `--seq` set the shape; `--data tokens.parquet` takes real token rows
+//! (see [`real_rows`]) instead of random ids.
 //!
 //! Run one measurement per process so peak RSS is its own:
-//!   cargo run --example bench -- forward|sft|dpo|dpo-inline|sepo [--device flex|tch-cpu|...]
-//! `scripts/bench.sh` runs them all, and PyTorch on the same machine, and prints a table.
+//!   cargo run --example bench -- forward|sft|dpo|dpo-inline|sepo [--device flex|tch-cpu|tch-cuda:0|...]
+//!       [--model small|tinyllama] [--batch 8] [--seq 256] [--data tokens.parquet] [--reps 3]
+//! `scripts/bench.sh` runs them all on CPU, and PyTorch on the same machine, and prints a table;
+//! `bench/gpu.sh` does the same on a GPU machine (f32 and bf16 PyTorch beside sepo).
 
 use std::time::Instant;
 
@@ -11,16 +16,22 @@ use burn::tensor::{Int, Tensor, TensorData};
 use sepo::model::{CausalLm, ModelConfig};
 use sepo::train::trainer::{self, Example, Objective, TrainSpec};
 
-const BATCH: usize = 8;
-const SEQ: usize = 256;
-const PROMPT: usize = 64;
-
-fn config() -> ModelConfig {
-    serde_json::from_value(serde_json::json!({
-        "architecture": "llama", "vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 688,
-    }))
-    .expect("valid config")
+/// The model shapes the benchmark knows (Hugging Face config keys).
+fn config(model: &str) -> anyhow::Result<ModelConfig> {
+    let v = match model {
+        "small" => serde_json::json!({
+            "architecture": "llama", "vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 688,
+        }),
+        // TinyLlama-1.1B's shape (its config.json), 1.10B parameters.
+        "tinyllama" => serde_json::json!({
+            "architecture": "llama", "vocab_size": 32000, "hidden_size": 2048,
+            "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "intermediate_size": 5632, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        }),
+        other => anyhow::bail!("unknown model {other} (small | tinyllama)"),
+    };
+    Ok(serde_json::from_value(v)?)
 }
 
 /// Deterministic pseudo-random token ids.
@@ -36,6 +47,47 @@ fn ids(n: usize, salt: u64) -> Vec<u32> {
         .collect()
 }
 
+/// One benchmark pair: prompt, chosen and rejected token ids.
+type Triple = (Vec<u32>, Vec<u32>, Vec<u32>);
+
+/// `batch` (prompt, chosen, rejected) triples of exactly `seq` tokens per side from a
+/// tokens.parquet: the first rows (in file order) whose answers are both at least
+/// `seq - prompt_len` tokens long, with `prompt_len = min(len(prompt), seq / 4)` (the prompt's
+/// last tokens) and each answer's first `seq - prompt_len` tokens. scripts/bench_torch.py takes
+/// the same rows by the same rule.
+fn real_rows(path: &std::path::Path, batch: usize, seq: usize) -> anyhow::Result<Vec<Triple>> {
+    let rows = sepo::artifacts::tokens::read_tokens(path)?;
+    let picked: Vec<_> = rows
+        .iter()
+        .filter_map(|r| {
+            let p = r.prompt_ids.len().min(seq / 4);
+            let n = seq - p;
+            (p > 0 && r.chosen_ids.len() >= n && r.rejected_ids.len() >= n).then(|| {
+                (
+                    r.prompt_ids[r.prompt_ids.len() - p..].to_vec(),
+                    r.chosen_ids[..n].to_vec(),
+                    r.rejected_ids[..n].to_vec(),
+                )
+            })
+        })
+        .take(batch)
+        .collect();
+    anyhow::ensure!(
+        picked.len() == batch,
+        "{}: only {} rows have answers long enough for {seq}-token sequences",
+        path.display(),
+        picked.len()
+    );
+    Ok(picked)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+}
+
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -49,26 +101,34 @@ fn peak_rss_mb() -> f64 {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().cloned().unwrap_or_else(|| "forward".into());
-    let device_name = args
-        .iter()
-        .position(|a| a == "--device")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "cpu".into());
-    let reps: usize = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let device_name: String = arg(&args, "--device").unwrap_or_else(|| "cpu".into());
+    let reps: usize = arg(&args, "--reps").unwrap_or(3);
+    let model_name: String = arg(&args, "--model").unwrap_or_else(|| "small".into());
+    let batch: usize = arg(&args, "--batch").unwrap_or(8);
+    let seq: usize = arg(&args, "--seq").unwrap_or(256);
+    let data: Option<String> = arg(&args, "--data");
     let device = sepo::device::parse_device(&device_name)?;
     let name = sepo::device::device_name(&device);
-    let cfg = config();
-    let (secs, tokens) = if mode == "forward" {
+    let cfg = config(&model_name)?;
+    // Every sequence is exactly `seq` tokens: random ids (a prompt of seq / 4), or real rows.
+    let triples: Vec<Triple> = match &data {
+        Some(path) => real_rows(std::path::Path::new(path), batch, seq)?,
+        None => (0..batch as u64)
+            .map(|i| {
+                let p = seq / 4;
+                (ids(p, i), ids(seq - p, 100 + i), ids(seq - p, 200 + i))
+            })
+            .collect(),
+    };
+    let (secs, tokens, params) = if mode == "forward" {
         let model = CausalLm::init(&cfg, &device, 0)?;
-        let flat: Vec<i64> = ids(BATCH * SEQ, 1).into_iter().map(i64::from).collect();
+        let params = model.param_count();
+        let flat: Vec<i64> = triples
+            .iter()
+            .flat_map(|(p, c, _)| p.iter().chain(c).map(|&t| i64::from(t)))
+            .collect();
         let input =
-            || Tensor::<2, Int>::from_data(TensorData::new(flat.clone(), [BATCH, SEQ]), &device);
+            || Tensor::<2, Int>::from_data(TensorData::new(flat.clone(), [batch, seq]), &device);
         let run = || {
             let lp = model.token_logprobs(input(), input());
             let _ = lp.sum().into_scalar::<f32>();
@@ -78,7 +138,11 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..reps {
             run();
         }
-        (t0.elapsed().as_secs_f64() / reps as f64, BATCH * SEQ)
+        (
+            t0.elapsed().as_secs_f64() / reps as f64,
+            batch * seq,
+            params,
+        )
     } else {
         let objective = match mode.as_str() {
             "sft" => Objective::Sft,
@@ -86,21 +150,20 @@ fn main() -> anyhow::Result<()> {
             "sepo" => Objective::Sepo,
             other => anyhow::bail!("unknown mode {other}"),
         };
-        let examples: Vec<Example> = (0..BATCH as u64)
-            .map(|i| {
-                let chosen = ids(SEQ - PROMPT, 100 + i);
-                let rejected = ids(SEQ - PROMPT, 200 + i);
+        let examples: Vec<Example> = triples
+            .iter()
+            .map(|(prompt, chosen, rejected)| {
                 let mask = |n: usize| {
                     (0..n)
                         .map(|t| if t % 10 < 3 { 1.0 } else { 0.0 })
                         .collect::<Vec<f32>>()
                 };
                 Example {
-                    prompt: ids(PROMPT, i),
+                    prompt: prompt.clone(),
                     chosen_weights: Some(mask(chosen.len())),
                     rejected_weights: Some(mask(rejected.len())),
-                    chosen,
-                    rejected,
+                    chosen: chosen.clone(),
+                    rejected: rejected.clone(),
                     ref_chosen: -100.0,
                     ref_rejected: -110.0,
                 }
@@ -110,7 +173,7 @@ fn main() -> anyhow::Result<()> {
             objective,
             lr: 1e-4,
             epochs: reps + 1,
-            batch_size: BATCH,
+            batch_size: batch,
             grad_accum: 1,
             warmup_ratio: 0.0,
             weight_decay: 0.0,
@@ -128,6 +191,7 @@ fn main() -> anyhow::Result<()> {
         };
         let ad = device.clone().autodiff();
         let model = CausalLm::init(&cfg, &ad, 0)?;
+        let params = model.param_count();
         let reference = (mode == "dpo-inline")
             .then(|| CausalLm::init(&cfg, &device, 1))
             .transpose()?;
@@ -173,16 +237,29 @@ fn main() -> anyhow::Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
         let pairs_tokens = if objective == Objective::Sft {
-            BATCH * SEQ
+            batch * seq
         } else {
-            2 * BATCH * SEQ
+            2 * batch * seq
         };
-        (times[1..].iter().sum::<f64>() / reps as f64, pairs_tokens)
+        (
+            times[1..].iter().sum::<f64>() / reps as f64,
+            pairs_tokens,
+            params,
+        )
     };
+    // Model FLOPs per second (PaLM's MFU numerator): 6 N per trained token (forward and
+    // backward), 2 N per token of a forward pass; divide by the chip's peak for MFU.
+    let per_token = if mode == "forward" { 2.0 } else { 6.0 };
     println!(
-        "{{\"impl\": \"sepo\", \"device\": \"{name}\", \"mode\": \"{mode}\", \"seconds\": {secs:.4}, \"tokens\": {tokens}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.1}}}",
-        tokens as f64 / secs,
-        peak_rss_mb()
+        "{}",
+        serde_json::json!({
+            "impl": "sepo", "device": name, "mode": mode, "model": model_name,
+            "batch": batch, "seq": seq, "data": data.as_deref().unwrap_or("random"),
+            "parameters": params, "seconds": secs, "tokens": tokens,
+            "tokens_per_s": tokens as f64 / secs,
+            "model_flops_per_s": per_token * params as f64 * tokens as f64 / secs,
+            "peak_rss_mb": peak_rss_mb(),
+        })
     );
     Ok(())
 }
