@@ -13,17 +13,8 @@ use sepo::data::parquet as pq;
 use serde_json::Value;
 
 fn yaml() -> String {
-    let hf = |m: &str| data(&format!("tests/fixtures/hf/{m}"));
     format!(
-        "seed: 5
-stages:
-  pairs: {{kind: ingest, format: preference, path: {pairs}}}
-  tok: {{kind: tokenizer, path: {tok}}}
-  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 4096}}
-  llama: {{kind: model, from: {llama}}}
-  mistral: {{kind: model, from: {mistral}}}
-  scores: {{kind: score, inputs: {{oracle: llama, reference: mistral, data: tokens}}}}
-  keys: {{kind: select, inputs: {{scores: scores}}, chosen_ratio: 0.4, rejected_ratio: 0.2}}
+        "{head}  keys: {{kind: select, inputs: {{scores: scores}}, chosen_ratio: 0.4, rejected_ratio: 0.2}}
   ptok: {{kind: tokenizer, path: {gpt2}}}
   ptokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: ptok}}, template: chatml, max_len: 4096}}
   pkeys: {{kind: select, inputs: {{scores: scores, tokens: ptokens}}, chosen_ratio: 0.4, rejected_ratio: 0.2}}
@@ -33,10 +24,7 @@ stages:
   weighted: {{kind: train, objective: sepo, inputs: {{model: pbase, data: pweights}}, lr: 1e-3, batch_size: 4}}
   wrong: {{kind: train, objective: sepo, inputs: {{model: pbase, data: keys}}, lr: 1e-3}}
 ",
-        pairs = data("tests/fixtures/eval/pairs.jsonl"),
-        tok = hf("tiny-llama/tokenizer.json"),
-        llama = hf("tiny-llama"),
-        mistral = hf("tiny-mistral"),
+        head = common::tiny_scored_head(),
         gpt2 = data("data/tokenizers/gpt2/tokenizer.json"),
     )
 }

@@ -3,24 +3,15 @@
 
 mod common;
 
-use common::{artifact_dir, data, pipeline, sepo};
+use common::{artifact_dir, pipeline, sepo};
 
 #[test]
 fn checkpointing_changes_no_number() {
-    let hf = |m: &str| data(&format!("tests/fixtures/hf/{m}"));
     let y = format!(
-        "seed: 5
-stages:
-  pairs: {{kind: ingest, format: preference, path: {pairs}}}
-  tok: {{kind: tokenizer, path: {tok}}}
-  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 4096}}
-  llama: {{kind: model, from: {llama}}}
-  plain: {{kind: train, objective: dpo, inputs: {{model: llama, reference: llama, data: tokens}}, lr: 1e-2, batch_size: 1, epochs: 2}}
+        "{}  plain: {{kind: train, objective: dpo, inputs: {{model: llama, reference: llama, data: tokens}}, lr: 1e-2, batch_size: 1, epochs: 2}}
   recomputed: {{kind: train, objective: dpo, inputs: {{model: llama, reference: llama, data: tokens}}, lr: 1e-2, batch_size: 1, epochs: 2, gradient_checkpointing: true}}
 ",
-        pairs = data("tests/fixtures/eval/pairs.jsonl"),
-        tok = hf("tiny-llama/tokenizer.json"),
-        llama = hf("tiny-llama"),
+        common::tiny_scored_head()
     );
     let dir = tempfile::tempdir().unwrap();
     let p = pipeline(dir.path(), &y);

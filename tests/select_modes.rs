@@ -4,24 +4,15 @@
 
 mod common;
 
-use common::{artifact_dir, data, pipeline, sepo};
+use common::{artifact_dir, pipeline, sepo};
 use sepo::data::parquet as pq;
 use serde_json::Value;
 
 /// Every mode (and the one-sided and `skip_first` variants) on the same scores, and the two
 /// trainings to compare: one batch holding both train pairs, unshuffled, lr 0.
 fn yaml() -> String {
-    let hf = |m: &str| data(&format!("tests/fixtures/hf/{m}"));
     format!(
-        "seed: 5
-stages:
-  pairs: {{kind: ingest, format: preference, path: {pairs}}}
-  tok: {{kind: tokenizer, path: {tok}}}
-  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 4096}}
-  llama: {{kind: model, from: {llama}}}
-  mistral: {{kind: model, from: {mistral}}}
-  scores: {{kind: score, inputs: {{oracle: llama, reference: mistral, data: tokens}}}}
-  top: {{kind: select, inputs: {{scores: scores}}, chosen_ratio: 0.4, rejected_ratio: 0.2}}
+        "{}  top: {{kind: select, inputs: {{scores: scores}}, chosen_ratio: 0.4, rejected_ratio: 0.2}}
   random: {{kind: select, inputs: {{scores: scores}}, mode: random, chosen_ratio: 0.4, rejected_ratio: 0.2}}
   bottom: {{kind: select, inputs: {{scores: scores}}, mode: bottom, chosen_ratio: 0.4, rejected_ratio: 0.2}}
   all: {{kind: select, inputs: {{scores: scores}}, mode: all}}
@@ -33,10 +24,7 @@ stages:
   simpo: {{kind: train, objective: simpo, inputs: {{model: llama, data: tokens}}, beta: 1, margin: 0, lr: 0, batch_size: 8, shuffle: false, group_by_length: false}}
   sepo_one_sided: {{kind: train, objective: sepo, inputs: {{model: llama, data: chosen_only}}, lr: 1e-3, batch_size: 1, shuffle: false}}
 ",
-        pairs = data("tests/fixtures/eval/pairs.jsonl"),
-        tok = hf("tiny-llama/tokenizer.json"),
-        llama = hf("tiny-llama"),
-        mistral = hf("tiny-mistral"),
+        common::tiny_scored_head(),
     )
 }
 

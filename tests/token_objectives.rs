@@ -8,22 +8,13 @@
 
 mod common;
 
-use common::{artifact_dir, data, pipeline, sepo};
+use common::{artifact_dir, pipeline, sepo};
 use sepo::data::parquet as pq;
 
 fn yaml() -> String {
-    let hf = |m: &str| data(&format!("tests/fixtures/hf/{m}"));
     let one_batch = "lr: 0, batch_size: 8, shuffle: false, group_by_length: false";
     format!(
-        "seed: 5
-stages:
-  pairs: {{kind: ingest, format: preference, path: {pairs}}}
-  tok: {{kind: tokenizer, path: {tok}}}
-  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 4096}}
-  llama: {{kind: model, from: {llama}}}
-  mistral: {{kind: model, from: {mistral}}}
-  scores: {{kind: score, inputs: {{oracle: llama, reference: mistral, data: tokens}}}}
-  all: {{kind: select, inputs: {{scores: scores}}, mode: all}}
+        "{head}  all: {{kind: select, inputs: {{scores: scores}}, mode: all}}
   top: {{kind: select, inputs: {{scores: scores}}, chosen_ratio: 0.4, rejected_ratio: 0.2}}
   weights: {{kind: select, inputs: {{scores: scores}}, mode: weights, mu: 2, weight_clip: [0.25, 3]}}
   flat: {{kind: select, inputs: {{scores: scores}}, mode: weights, mu: 0}}
@@ -40,10 +31,7 @@ stages:
   rrhf1: {{kind: train, objective: rrhf, inputs: {{model: llama, data: tokens}}, {one_batch}}}
   simpo: {{kind: train, objective: simpo, inputs: {{model: llama, data: tokens}}, beta: 1, margin: 0, {one_batch}}}
 ",
-        pairs = data("tests/fixtures/eval/pairs.jsonl"),
-        tok = hf("tiny-llama/tokenizer.json"),
-        llama = hf("tiny-llama"),
-        mistral = hf("tiny-mistral"),
+        head = common::tiny_scored_head(),
     )
 }
 

@@ -45,6 +45,28 @@ pub fn artifact_dir(p: &str, stage: &str) -> PathBuf {
     PathBuf::from(r.stdout.trim())
 }
 
+/// The head of the pipelines that test `select` and `train` on real model outputs: the eval
+/// fixture's eight pairs tokenized for the tiny test models, tiny-llama and tiny-mistral as model
+/// stages, and tiny-llama's token scores against tiny-mistral (`scores`). Tests append stages.
+pub fn tiny_scored_head() -> String {
+    let hf = |m: &str| data(&format!("tests/fixtures/hf/{m}"));
+    format!(
+        "seed: 5
+stages:
+  pairs: {{kind: ingest, format: preference, path: {pairs}}}
+  tok: {{kind: tokenizer, path: {tok}}}
+  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none, max_len: 4096}}
+  llama: {{kind: model, from: {llama}}}
+  mistral: {{kind: model, from: {mistral}}}
+  scores: {{kind: score, inputs: {{oracle: llama, reference: mistral, data: tokens}}}}
+",
+        pairs = data("tests/fixtures/eval/pairs.jsonl"),
+        tok = hf("tiny-llama/tokenizer.json"),
+        llama = hf("tiny-llama"),
+        mistral = hf("tiny-mistral"),
+    )
+}
+
 /// Writes `yaml` as `dir/p.yaml` and returns its path.
 pub fn pipeline(dir: &Path, yaml: &str) -> String {
     let p = dir.join("p.yaml");
