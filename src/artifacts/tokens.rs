@@ -28,9 +28,11 @@ pub type Masks = (Vec<Vec<bool>>, Vec<Vec<bool>>);
 /// The token weights of the chosen and of the rejected responses, one list per row.
 pub type Weights = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// The token columns of a `tokenize`, `score` or `select` artifact.
+/// The token columns of a `tokenize`, `score` or `select` artifact. The file is read once, on
+/// first use, whatever is asked of it (rows, masks, weights).
 pub struct Tokens {
     path: PathBuf,
+    df: std::cell::OnceCell<DataFrame>,
 }
 
 impl Tokens {
@@ -45,8 +47,29 @@ impl Tokens {
             "select" => Selection::FILE,
             other => user_bail!("stage `{}` ({other}) holds no token ids", a.stage),
         };
-        Ok(Tokens {
-            path: a.dir.join(file),
+        Ok(Tokens::at(a.dir.join(file)))
+    }
+
+    fn at(path: PathBuf) -> Tokens {
+        Tokens {
+            path,
+            df: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The file's frame, read on first use.
+    fn df(&self) -> Result<&DataFrame> {
+        if let Some(df) = self.df.get() {
+            return Ok(df);
+        }
+        let df = pq::read(&self.path)?;
+        Ok(self.df.get_or_init(|| df))
+    }
+
+    fn reader(&self) -> Result<pq::Reader<'_>> {
+        Ok(pq::Reader {
+            df: self.df()?,
+            file: &self.path,
         })
     }
 
@@ -57,23 +80,19 @@ impl Tokens {
 
     /// Every row, in file order.
     pub fn rows(&self) -> Result<Vec<TokenRow>> {
-        read_tokens(&self.path)
+        rows_of(&self.reader()?)
     }
 
     /// The whole file, for a stage that adds columns to it.
     pub fn frame(&self) -> Result<DataFrame> {
-        pq::read(&self.path)
+        Ok(self.df()?.clone())
     }
 
     /// The key-token masks (`chosen_mask`, `rejected_mask`) of a `select` artifact; `None` when
     /// the file has no `chosen_mask`. A mask whose length differs from its response is exit 2
     /// naming the row: a mask shifted against its tokens would train on the wrong ones.
     pub fn masks(&self) -> Result<Option<Masks>> {
-        let df = pq::read(&self.path)?;
-        let r = pq::Reader {
-            df: &df,
-            file: &self.path,
-        };
+        let r = self.reader()?;
         if !r.has("chosen_mask") {
             return Ok(None);
         }
@@ -85,11 +104,7 @@ impl Tokens {
     /// The token weights (`chosen_weights`, `rejected_weights`) of a `select` artifact written
     /// by `mode: weights`; `None` when the file has none. Lengths are checked as for the masks.
     pub fn weights(&self) -> Result<Option<Weights>> {
-        let df = pq::read(&self.path)?;
-        let r = pq::Reader {
-            df: &df,
-            file: &self.path,
-        };
+        let r = self.reader()?;
         if !r.has("chosen_weights") {
             return Ok(None);
         }
@@ -238,10 +253,14 @@ pub fn to_frame(rows: &[TokenRow]) -> Result<DataFrame> {
 /// Reads `tokens.parquet` (or any file carrying its columns) back.
 pub fn read_tokens(path: &Path) -> Result<Vec<TokenRow>> {
     let df = pq::read(path)?;
-    let r = pq::Reader {
+    rows_of(&pq::Reader {
         df: &df,
         file: path,
-    };
+    })
+}
+
+/// The token rows of a frame carrying the `tokenize` columns.
+fn rows_of(r: &pq::Reader) -> Result<Vec<TokenRow>> {
     let (id, split) = (r.strings("id")?, r.strings("split")?);
     let (p, c, j) = (
         r.u32_lists("prompt_ids")?,
@@ -249,7 +268,7 @@ pub fn read_tokens(path: &Path) -> Result<Vec<TokenRow>> {
         r.u32_lists("rejected_ids")?,
     );
     let t = r.bools("truncated")?;
-    Ok((0..df.height())
+    Ok((0..r.df.height())
         .map(|i| TokenRow {
             id: id[i].clone(),
             split: split[i].clone(),
@@ -279,7 +298,7 @@ mod tests {
         ])
         .unwrap();
         pq::write(&mut df, &path).unwrap();
-        Tokens { path }
+        Tokens::at(path)
     }
 
     #[test]
