@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU machine (no network, a PyTorch of its own): throughput of sepo and
-# PyTorch (eager f32, eager bf16 autocast) for sft, dpo and sepo on the TinyLlama-1.1B shape and
+# One prepared run for a GPU machine (no network, a PyTorch of its own): throughput of sepo (f32,
+# and bf16 mixed precision) and PyTorch (eager f32, eager bf16 autocast) for sft, dpo and sepo on the TinyLlama-1.1B shape and
 # real 8 x 512 UltraFeedback batches, peak GPU memory and model FLOPs utilization, then the wall
 # time of every stage of bench/scale.yaml. Built beforehand (see README "Speed"): the `sepo`
 # binary and the `bench` example with `--features tch`, linked against that machine's libtorch.
@@ -58,6 +58,8 @@ common=(--model "$MODEL" --batch "$BATCH" --seq "$SEQ" --data "$DATA" --reps "$R
 for m in $MODES; do
   echo "== $m: sepo on $DEVICE ($((SECONDS - start)) s)" >&2
   with_gpu_peak "$BENCH" "$m" --device "$DEVICE" "${common[@]}" | tee -a "$LOG"
+  echo "== $m: sepo bf16 (mixed precision) on $DEVICE ($((SECONDS - start)) s)" >&2
+  with_gpu_peak "$BENCH" "$m" --device "$DEVICE" --precision bf16 "${common[@]}" | tee -a "$LOG"
   echo "== $m: PyTorch eager f32 on $TORCH_DEVICE" >&2
   "$PY" scripts/bench_torch.py "$m" --device "$TORCH_DEVICE" "${common[@]}" | tee -a "$LOG"
   echo "== $m: PyTorch eager bf16 autocast" >&2

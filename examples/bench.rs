@@ -7,6 +7,7 @@
 //! Run one measurement per process so peak RSS is its own:
 //!   cargo run --example bench -- forward|sft|dpo|dpo-inline|sepo [--device flex|tch-cpu|tch-cuda:0|...]
 //!       [--model small|tinyllama] [--batch 8] [--seq 256] [--data tokens.parquet] [--reps 3]
+//!       [--precision f32|bf16|f16]   (mixed precision: f32 master weights, as `train`'s)
 //! `scripts/bench.sh` runs them all on CPU, and PyTorch on the same machine, and prints a table;
 //! `bench/gpu.sh` does the same on a GPU machine (f32 and bf16 PyTorch beside sepo).
 
@@ -107,6 +108,10 @@ fn main() -> anyhow::Result<()> {
     let batch: usize = arg(&args, "--batch").unwrap_or(8);
     let seq: usize = arg(&args, "--seq").unwrap_or(256);
     let data: Option<String> = arg(&args, "--data");
+    let precision: sepo::model::Precision = match arg::<String>(&args, "--precision") {
+        Some(p) => serde_json::from_value(serde_json::json!(p))?,
+        None => Default::default(),
+    };
     let device = sepo::device::parse_device(&device_name)?;
     let name = sepo::device::device_name(&device);
     let cfg = config(&model_name)?;
@@ -121,7 +126,7 @@ fn main() -> anyhow::Result<()> {
             .collect(),
     };
     let (secs, tokens, params) = if mode == "forward" {
-        let model = CausalLm::init(&cfg, &device, 0)?;
+        let model = CausalLm::init(&cfg, &device, 0)?.with_precision(precision);
         let params = model.param_count();
         let flat: Vec<i64> = triples
             .iter()
@@ -190,10 +195,10 @@ fn main() -> anyhow::Result<()> {
             checkpoint_every: 0,
         };
         let ad = device.clone().autodiff();
-        let model = CausalLm::init(&cfg, &ad, 0)?;
+        let model = CausalLm::init(&cfg, &ad, 0)?.with_precision(precision);
         let params = model.param_count();
         let reference = (mode == "dpo-inline")
-            .then(|| CausalLm::init(&cfg, &device, 1))
+            .then(|| CausalLm::init(&cfg, &device, 1).map(|m| m.with_precision(precision)))
             .transpose()?;
         let progress = sepo::progress::Progress::new(true);
         let ckpt = std::env::temp_dir().join(format!("sepo-bench-{}", std::process::id()));
@@ -253,7 +258,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "sepo", "device": name, "mode": mode, "model": model_name,
+            "impl": if precision.is_f32() { "sepo".to_string() } else { format!("sepo {precision}") },
+            "device": name, "mode": mode, "model": model_name,
             "batch": batch, "seq": seq, "data": data.as_deref().unwrap_or("random"),
             "parameters": params, "seconds": secs, "tokens": tokens,
             "tokens_per_s": tokens as f64 / secs,

@@ -3,6 +3,8 @@
 //! data's hashes). The reference model's log-probs are computed once and reused by the oracle's
 //! DPO, every DPO/IPO baseline and the score stage, whatever their learning rates. Not a stage
 //! kind: no pipeline declares it; the `train` and `score` stages derive it through the store.
+//! Log-probs computed under mixed precision are cached apart from the f32 ones (the precision is
+//! part of the key when it is not f32, so the f32 keys are what they always were).
 
 use std::path::Path;
 
@@ -11,6 +13,7 @@ use serde_json::json;
 
 use crate::artifacts::{Artifact, ModelDir, TokenRow, Tokens};
 use crate::data::parquet as pq;
+use crate::model::Precision;
 use crate::pipeline::stage::{HASH_HEX_LEN, RunContext};
 
 const VERSION: &str = "1";
@@ -33,9 +36,16 @@ impl Logprobs {
     }
 }
 
-/// Log-probs of `model` (a model or train artifact) on `data`, computed once per pair of hashes.
-pub fn ensure(ctx: &RunContext, model: &Artifact, data: &Artifact, role: &str) -> Result<Logprobs> {
-    ensure_rows(ctx, model, data, role, None)
+/// Log-probs of `model` (a model or train artifact) on `data` with matrix products in
+/// `precision`, computed once per pair of hashes and precision.
+pub fn ensure(
+    ctx: &RunContext,
+    model: &Artifact,
+    data: &Artifact,
+    role: &str,
+    precision: Precision,
+) -> Result<Logprobs> {
+    ensure_rows(ctx, model, data, role, None, precision)
 }
 
 /// Log-probs of `model` on the `test` rows of `data` only (in file order), for evaluation: when
@@ -46,9 +56,13 @@ pub fn ensure_test(
     model: &Artifact,
     data: &Artifact,
     role: &str,
+    precision: Precision,
 ) -> Result<Logprobs> {
-    if ctx.store.is_fresh("logprobs", &key_hash(model, data, None)) {
-        let all = ensure_rows(ctx, model, data, role, None)?;
+    if ctx
+        .store
+        .is_fresh("logprobs", &key_hash(model, data, None, precision))
+    {
+        let all = ensure_rows(ctx, model, data, role, None, precision)?;
         let rows = Tokens::open(data)?.rows()?;
         let keep: Vec<usize> = (0..rows.len())
             .filter(|&i| rows[i].split == "test")
@@ -59,14 +73,22 @@ pub fn ensure_test(
             rejected: keep.iter().map(|&i| all.rejected[i].clone()).collect(),
         });
     }
-    ensure_rows(ctx, model, data, role, Some("test"))
+    ensure_rows(ctx, model, data, role, Some("test"), precision)
 }
 
-fn key_hash(model: &Artifact, data: &Artifact, split: Option<&str>) -> String {
-    let key = match split {
+fn key_hash(
+    model: &Artifact,
+    data: &Artifact,
+    split: Option<&str>,
+    precision: Precision,
+) -> String {
+    let mut key = match split {
         None => format!("logprobs:{VERSION}:{}:{}", model.hash, data.hash),
         Some(s) => format!("logprobs:{VERSION}:{}:{}:{s}", model.hash, data.hash),
     };
+    if !precision.is_f32() {
+        key.push_str(&format!(":precision={precision}"));
+    }
     blake3::hash(key.as_bytes()).to_hex()[..HASH_HEX_LEN].to_string()
 }
 
@@ -76,8 +98,9 @@ fn ensure_rows(
     data: &Artifact,
     role: &str,
     split: Option<&str>,
+    precision: Precision,
 ) -> Result<Logprobs> {
-    let hash = key_hash(model, data, split);
+    let hash = key_hash(model, data, split, precision);
     // Only hashes in `inputs`: gc keeps a derived artifact while every input hash is kept.
     let inputs = json!({"model": model.hash, "data": data.hash});
     let was_fresh = ctx.store.is_fresh("logprobs", &hash);
@@ -87,20 +110,21 @@ fn ensure_rows(
             rows.retain(|r| r.split == s);
         }
         let device = crate::device::parse_device(ctx.device).map_err(|e| crate::error::user(e.to_string()))?;
-        let lm = ModelDir::of(model).load(&device)?;
+        let lm = ModelDir::of(model).load(&device)?.with_precision(precision);
         let t0 = std::time::Instant::now();
         let lp = compute(&lm, &rows, &device, ctx, role)?;
         let tokens: usize = lp.chosen.iter().chain(&lp.rejected).map(Vec::len).sum();
         let secs = t0.elapsed().as_secs_f64();
         ctx.progress.log(format!(
-            "         {}: {role} log-probs of `{}` on {} pairs: {tokens} tokens in {secs:.1}s ({:.0} tokens/s)",
+            "         {}: {role} log-probs of `{}`{} on {} pairs: {tokens} tokens in {secs:.1}s ({:.0} tokens/s)",
             ctx.stage,
             model.stage,
+            if precision.is_f32() { String::new() } else { format!(" ({precision})") },
             rows.len(),
             tokens as f64 / secs.max(1e-9)
         ));
         write(&lp, &out.join(FILE))?;
-        Ok(json!({"pairs": rows.len(), "split": split.unwrap_or("all"), "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9)}))
+        Ok(json!({"pairs": rows.len(), "split": split.unwrap_or("all"), "precision": precision.name(), "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9)}))
     })?;
     if was_fresh {
         ctx.progress.log(format!(

@@ -124,11 +124,12 @@ impl Judge {
         ctx: &RunContext,
         judge: &Artifact,
         device: &burn::tensor::Device,
+        precision: crate::model::Precision,
     ) -> Result<Judge> {
         let dir = ModelDir::of(judge);
         if is_reward_model(dir.path())? {
             return Ok(Judge::Reward {
-                model: Box::new(RewardModel::load(dir.path(), device)?),
+                model: Box::new(RewardModel::load(dir.path(), device)?.with_precision(precision)),
                 device: device.clone(),
             });
         }
@@ -143,8 +144,8 @@ impl Judge {
             );
         };
         Ok(Judge::Implicit {
-            model: Box::new(ModelDir::of(judge).load(device)?),
-            reference: Box::new(ModelDir::of(&jref).load(device)?),
+            model: Box::new(ModelDir::of(judge).load(device)?.with_precision(precision)),
+            reference: Box::new(ModelDir::of(&jref).load(device)?.with_precision(precision)),
             device: device.clone(),
         })
     }

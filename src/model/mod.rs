@@ -9,6 +9,7 @@ pub mod arch;
 pub mod config;
 pub mod generate;
 pub mod layout;
+pub mod precision;
 pub mod reward;
 pub mod rope;
 pub mod safetensors_io;
@@ -17,7 +18,7 @@ pub mod transformer;
 pub mod weights;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::Path;
 
@@ -29,6 +30,7 @@ pub use arch::Architecture;
 pub use config::{ModelConfig, TokenIds};
 pub use generate::{GenerateOptions, Sampler};
 pub use layout::{Layout, VarPath};
+pub use precision::Precision;
 pub use reward::{RewardModel, ScoreBatch, is_reward_model};
 pub use rope::RopeScaling;
 pub use safetensors_io::HostTensor;
@@ -81,6 +83,13 @@ impl CausalLm {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let weights = weights::export_weights(&self.config, &self.decoder);
         write_folder_with(dir, &self.config.to_hf_json(), |path| weights.write(path))
+    }
+
+    /// The model computing its matrix products in `precision` (parameters stay f32); see
+    /// [`precision`].
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.decoder.set_precision(precision);
+        self
     }
 
     /// The weights as Hugging Face tensors (names and layouts of transformers), in f32.

@@ -237,6 +237,12 @@ impl RewardModel {
         })
     }
 
+    /// The model computing its matrix products in `precision` (parameters stay f32).
+    pub fn with_precision(mut self, precision: super::Precision) -> Self {
+        self.decoder.set_precision(precision);
+        self
+    }
+
     /// The rewards of a batch, `[batch]`, differentiable (the training forward). Causal
     /// attention keeps every real position independent of the padding after it, so no
     /// attention mask is needed.
@@ -245,7 +251,15 @@ impl RewardModel {
         let hidden = self.decoder.forward_hidden(batch.ids, None);
         let h = hidden.dims()[2];
         let picked = hidden.reshape([rows * width, h]).select(0, batch.at);
-        self.score.forward(picked).reshape([rows])
+        let dt = self.decoder.precision().compute_dtype();
+        // Under mixed precision the head runs in the low precision too (autocast's linear);
+        // rewards come back in f32.
+        let r = self.score.forward_as(picked, dt).reshape([rows]);
+        if dt.is_some() {
+            r.cast(burn::tensor::FloatDType::F32)
+        } else {
+            r
+        }
     }
 
     /// The reward of each sequence, without gradient, in batches of right-padded sequences.

@@ -11,9 +11,10 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, silu};
 use burn::tensor::module::{attention, attention_fallback, embedding, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor, TensorData};
 
 use super::config::{Activation, ModelConfig};
+use super::precision::Precision;
 use super::rope::rope_inv_freq;
 use super::safetensors_io::HostTensor;
 
@@ -29,7 +30,18 @@ pub struct Linear {
 impl Linear {
     /// `x @ weight + bias`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        matmul_rows(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        self.forward_as(x, None)
+    }
+
+    /// `x @ weight + bias` computed in `dtype` (inputs and parameters cast down, the result
+    /// left in `dtype`), or in f32 when `None`: see [`super::precision`].
+    pub fn forward_as<const D: usize>(&self, x: Tensor<D>, dtype: Option<FloatDType>) -> Tensor<D> {
+        matmul_rows(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            dtype,
+        )
     }
 
     /// From host tensors (`weight` already `[in, out]`).
@@ -113,6 +125,8 @@ pub struct Spec {
     pub parallel_residual: bool,
     /// Sliding attention window.
     pub window: Option<usize>,
+    /// Precision of the matrix products (f32, or mixed bf16/f16; set after loading).
+    pub precision: Precision,
 }
 
 impl Spec {
@@ -132,6 +146,7 @@ impl Spec {
             intermediate: c.intermediate_size(),
             parallel_residual: family.parallel_residual && c.use_parallel_residual,
             window: c.attention_window(),
+            precision: Precision::F32,
         })
     }
 }
@@ -206,9 +221,11 @@ impl Decoder {
             c.layers = vec![None; self.blocks.len()];
         }
         let (nh, nkv, hd) = (sp.n_heads, sp.n_kv, sp.head_dim);
+        let dt = sp.precision.compute_dtype();
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln1.forward(x.clone());
-            let qkv = blk.qkv.forward(h);
+            // Rotary embeddings and the cache stay f32 (autocast promotes q/k to f32 there).
+            let qkv = to_f32(blk.qkv.forward_as(h, dt));
             let q = qkv
                 .clone()
                 .slice_dim(2, 0..nh * hd)
@@ -234,9 +251,11 @@ impl Decoder {
                 c.layers[li] = Some((k.clone(), v.clone()));
             }
             let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+            let (q, k, v) = (cast(q, dt), cast(k, dt), cast(v, dt));
             let att = attend(q, k, v, mask.as_ref(), past);
             let att = att.swap_dims(1, 2).reshape([batch, seq, nh * hd]);
-            let a = blk.o.forward(att);
+            // The residual stream stays f32: a low-precision projection is added to it in f32.
+            let a = to_f32(blk.o.forward_as(att, dt));
             if sp.parallel_residual {
                 let m = self.mlp(blk, blk.ln2.forward(x.clone()));
                 x = x + a + m;
@@ -252,9 +271,12 @@ impl Decoder {
         self.final_norm.forward(x)
     }
 
+    /// The MLP; under mixed precision its activation and gate product run on the
+    /// low-precision projection outputs (as in transformers under autocast), its output is f32.
     fn mlp(&self, blk: &Block, x: Tensor<3>) -> Tensor<3> {
         let sp = &self.spec;
-        let h = blk.mlp_in.forward(x);
+        let dt = sp.precision.compute_dtype();
+        let h = blk.mlp_in.forward_as(x, dt);
         let h = if sp.gated {
             let i = sp.intermediate;
             let gate = h.clone().slice_dim(2, 0..i);
@@ -263,15 +285,29 @@ impl Decoder {
         } else {
             activate(h, sp.act)
         };
-        blk.mlp_out.forward(h)
+        to_f32(blk.mlp_out.forward_as(h, dt))
     }
 
-    /// Logits `[batch, seq, vocab]` of hidden states.
+    /// Logits `[batch, seq, vocab]` of hidden states, always f32 (under mixed precision the
+    /// product runs in the low precision and is cast up before any softmax, as transformers'
+    /// loss does with `logits.float()`).
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
-            Some(w) => matmul_rows(hidden, w.val(), None),
-            None => matmul_rows(hidden, self.embed.val().transpose(), None),
-        }
+        let dt = self.spec.precision.compute_dtype();
+        let w = match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.embed.val().transpose(),
+        };
+        to_f32(matmul_rows(hidden, w, None, dt))
+    }
+
+    /// The compute precision of the matrix products.
+    pub fn precision(&self) -> Precision {
+        self.spec.precision
+    }
+
+    /// Sets the compute precision of the matrix products (parameters stay f32).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.spec.precision = precision;
     }
 
     /// `cos` and signed `sin` tables `[1, 1, len, rot_dim]` for positions `start..start+len`:
@@ -328,8 +364,15 @@ impl Decoder {
 }
 
 /// `x @ w + b` as one `[rows, in] @ [in, out]` matmul over all leading dimensions (burn's
-/// `linear` may instead run one matmul per batch row, which is much slower on flex).
-fn matmul_rows<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
+/// `linear` may instead run one matmul per batch row, which is much slower on flex), in `dt`
+/// when given (operands cast down, result left in `dt`).
+fn matmul_rows<const D: usize>(
+    x: Tensor<D>,
+    w: Tensor<2>,
+    b: Option<Tensor<1>>,
+    dt: Option<FloatDType>,
+) -> Tensor<D> {
+    let (x, w, b) = (cast(x, dt), cast(w, dt), b.map(|b| cast(b, dt)));
     let dims = x.dims();
     if D == 2 {
         return linear(x, w, b);
@@ -373,6 +416,23 @@ fn attend(
         None if seq == 1 => attention(q, k, v, None, None, opts(false)),
         None if past == 0 => attention(q, k, v, None, None, opts(true)),
         None => attention_fallback(q, k, v, None, None, opts(true)),
+    }
+}
+
+/// `x` in `dt`, or unchanged when `None` (f32 compute: no cast at all).
+fn cast<const D: usize>(x: Tensor<D>, dt: Option<FloatDType>) -> Tensor<D> {
+    match dt {
+        Some(dt) => x.cast(dt),
+        None => x,
+    }
+}
+
+/// `x` back in f32 (untouched when it already is, so the f32 path gains no graph nodes).
+fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(FloatDType::F32)
     }
 }
 

@@ -27,7 +27,7 @@ use crate::eval::report::{self, row};
 use crate::eval::stats::{mean_se, median};
 use crate::eval::winrate::{Duel, WinRate, win_rate};
 use crate::logprobs::ensure_test;
-use crate::model::{CausalLm, GenerateOptions};
+use crate::model::{CausalLm, GenerateOptions, Precision};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -101,6 +101,12 @@ pub struct EvaluateConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("default" = null))]
     pub prompts: Option<String>,
+    /// Precision of every forward (log-probs, answers, judge): `f32`, or mixed `bf16`/`f16`
+    /// (see `train`'s `precision`). Log-probs are cached per precision.
+    // Left out of the canonical parameters at f32, so that adding it moved no hash.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    #[schemars(extend("default" = "f32"))]
+    pub precision: Precision,
 }
 
 fn d_beta() -> f64 {
@@ -231,12 +237,18 @@ impl Stage for Evaluate {
         let mut report: Vec<ReportRow> = Vec::new();
 
         // 1. Held-out preference metrics (log-probs cached in the store like training's).
-        let ref_lp = ensure_test(ctx, reference, data, "reference")?;
+        let precision = self.cfg.precision;
+        if let Ok(device) = crate::device::parse_device(ctx.device)
+            && let Some(note) = crate::model::precision::cpu_note(&device, precision)
+        {
+            ctx.progress.log(format!("         {}: {note}", ctx.stage));
+        }
+        let ref_lp = ensure_test(ctx, reference, data, "reference", precision)?;
         for e in &entries {
             let lp = if e.role == "reference" {
                 None
             } else {
-                Some(ensure_test(ctx, e.art, data, "policy")?)
+                Some(ensure_test(ctx, e.art, data, "policy", precision)?)
             };
             let lp = lp.as_ref().unwrap_or(&ref_lp);
             let pairs: Vec<PairLogps> = (0..rows.len())
@@ -502,7 +514,7 @@ impl Evaluate {
         device: &burn::tensor::Device,
     ) -> Result<Vec<Answer>> {
         let dir = ModelDir::of(model);
-        let lm: CausalLm = dir.load(device)?;
+        let lm: CausalLm = dir.load(device)?.with_precision(self.cfg.precision);
         let tok = tokenizer_of(model)?;
         let mut opts = options(&self.cfg);
         opts.eos_token_id = tok.eos()?.map(|(_, id)| id);
@@ -551,7 +563,7 @@ impl Evaluate {
         generations: &BTreeMap<String, Vec<Answer>>,
         device: &burn::tensor::Device,
     ) -> Result<Vec<ReportRow>> {
-        let scorer = Judge::load(ctx, judge, device)?;
+        let scorer = Judge::load(ctx, judge, device, self.cfg.precision)?;
         let seqs = |answers: &mut dyn Iterator<Item = &Vec<u32>>| -> Vec<(Vec<u32>, Vec<u32>)> {
             prompts
                 .iter()

@@ -13,6 +13,7 @@ use crate::artifacts::model::check_same_vocabulary;
 use crate::artifacts::{Scores, Tokens};
 use crate::data::parquet as pq;
 use crate::logprobs::ensure;
+use crate::model::Precision;
 
 pub static KIND: StageKind = StageKind {
     kind: "score",
@@ -43,10 +44,17 @@ pub static KIND: StageKind = StageKind {
 };
 
 /// `score`: the oracle's implicit reward of every response token, `log pi_oracle - log pi_ref`
-/// (EOS included), and their sums. No parameters.
+/// (EOS included), and their sums.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ScoreConfig {}
+pub struct ScoreConfig {
+    /// Precision of both models' forwards: `f32`, or mixed `bf16`/`f16` (see `train`'s
+    /// `precision`). Log-probs are cached per precision.
+    // Left out of the canonical parameters at f32, so that adding it moved no hash.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    #[schemars(extend("default" = "f32"))]
+    pub precision: Precision,
+}
 
 struct Score {
     cfg: ScoreConfig,
@@ -71,8 +79,14 @@ impl Stage for Score {
         );
         check_same_vocabulary(oracle, reference)?;
         crate::artifacts::model::check_tokenizer_matches(ctx, oracle, data)?;
-        let lo = ensure(ctx, oracle, data, "oracle")?;
-        let lr = ensure(ctx, reference, data, "reference")?;
+        let p = self.cfg.precision;
+        let device = crate::device::parse_device(ctx.device)
+            .map_err(|e| crate::error::user(e.to_string()))?;
+        if let Some(note) = crate::model::precision::cpu_note(&device, p) {
+            ctx.progress.log(format!("         {}: {note}", ctx.stage));
+        }
+        let lo = ensure(ctx, oracle, data, "oracle", p)?;
+        let lr = ensure(ctx, reference, data, "reference", p)?;
         let diff = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<Vec<f32>> {
             a.iter()
                 .zip(b)

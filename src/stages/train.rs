@@ -16,7 +16,7 @@ use crate::artifacts::{ModelDir, Tokens};
 use crate::data::parquet as pq;
 use crate::error::user;
 use crate::logprobs::ensure;
-use crate::model::{CausalLm, RewardModel};
+use crate::model::{CausalLm, Precision, RewardModel};
 use crate::train::trainer::{self, Example, Objective, StepMetrics, TrainSpec};
 use crate::user_bail;
 
@@ -139,6 +139,14 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     #[schemars(extend("default" = false))]
     pub gradient_checkpointing: bool,
+    /// Precision of the matrix products: `f32`, or mixed `bf16`/`f16` (what `torch.autocast`
+    /// gives: f32 master weights and AdamW state, f32 norms, softmax and loss; the reference's
+    /// log-probs are computed in the same precision). Fast on CUDA; on CPU it only rounds like
+    /// the hardware formats would. The saved weights are f32 either way.
+    // Left out of the canonical parameters at f32, so that adding it moved no hash.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    #[schemars(extend("default" = "f32"))]
+    pub precision: Precision,
 }
 
 fn d_lr() -> f64 {
@@ -324,7 +332,7 @@ impl Stage for Train {
         let (ref_c, ref_r) = match ctx.input_opt("reference") {
             Some(reference) => {
                 check_same_vocabulary(model_in, reference)?;
-                let lp = ensure(ctx, reference, data, "reference")?;
+                let lp = ensure(ctx, reference, data, "reference", self.cfg.precision)?;
                 match (&weights, spec.objective) {
                     // `wdpo` compares weighted sums: the reference's are weighted alike.
                     (Some((wc, wr)), Objective::Wdpo) => {
@@ -389,23 +397,32 @@ impl Stage for Train {
             device.clone().autodiff()
         };
         let model_dir = ModelDir::of(model_in);
+        let precision = self.cfg.precision;
+        if let Some(note) = crate::model::precision::cpu_note(&device, precision) {
+            ctx.progress.log(format!("         {}: {note}", ctx.stage));
+        }
         let model = match spec.objective {
-            Objective::Reward if model_dir.is_reward_model()? => {
-                Trainee::Reward(model_dir.load_reward(&train_device)?)
-            }
+            Objective::Reward if model_dir.is_reward_model()? => Trainee::Reward(
+                model_dir
+                    .load_reward(&train_device)?
+                    .with_precision(precision),
+            ),
             Objective::Reward => {
                 let end_token = if model_dir.has_tokenizer() {
                     model_dir.tokenizer()?.eos()?.map(|(_, id)| id)
                 } else {
                     None
                 };
-                Trainee::Reward(RewardModel::from_causal_lm(
-                    model_dir.load(&train_device)?,
-                    spec.seed,
-                    end_token,
-                )?)
+                Trainee::Reward(
+                    RewardModel::from_causal_lm(
+                        model_dir.load(&train_device)?,
+                        spec.seed,
+                        end_token,
+                    )?
+                    .with_precision(precision),
+                )
             }
-            _ => Trainee::Lm(model_dir.load(&train_device)?),
+            _ => Trainee::Lm(model_dir.load(&train_device)?.with_precision(precision)),
         };
         let vocab = model.vocab_size();
         if let Some(bad) = examples
