@@ -153,3 +153,101 @@ fn the_optimizer_state_file_is_to_bytes_and_loads_back_exactly() {
     let err = format!("{:#}", AdamW::load(&path, &cpu()).unwrap_err());
     assert!(err.contains("AdamW state"), "{err}");
 }
+
+/// Each tensor of a safetensors file: (dtype, shape, raw bytes), by name.
+fn raw_tensors(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let dtype = format!("{:?}", v.dtype());
+            (name, (dtype, v.shape().to_vec(), v.data().to_vec()))
+        })
+        .collect()
+}
+
+/// `dtype: bf16` / `f16` keep a folder's half-precision weights: a `model` stage from
+/// transformers' own bf16 folder (tiny-llama-tied-bf16) or f16 folder (tiny-qwen2) writes back
+/// exactly transformers' tensors, byte for byte (half -> f32 -> half is exact), with
+/// config.json saying so; a `train` stage's `dtype: bf16` writes bf16 that a later stage loads;
+/// and `dtype: f32` is the default spelled out (the same stage).
+#[test]
+fn dtype_bf16_and_f16_write_the_half_precision_bytes_transformers_wrote() {
+    let hf = |m: &str| format!("{}/tests/fixtures/hf/{m}", env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "seed: 3
+stages:
+  pairs: {{kind: ingest, format: preference, path: {root}/tests/fixtures/eval/pairs.jsonl}}
+  tok: {{kind: tokenizer, path: {llama}/tokenizer.json}}
+  tokens: {{kind: tokenize, inputs: {{data: pairs, tokenizer: tok}}, template: none}}
+  bf: {{kind: model, from: {bf}, dtype: bf16}}
+  half: {{kind: model, from: {qwen}, dtype: f16}}
+  plain: {{kind: model, from: {llama}}}
+  plain_f32: {{kind: model, from: {llama}, dtype: f32}}
+  sft16: {{kind: train, objective: sft, inputs: {{model: plain, data: tokens}}, lr: 1e-3, batch_size: 4, dtype: bf16}}
+  again: {{kind: train, objective: sft, inputs: {{model: sft16, data: tokens}}, lr: 0, batch_size: 4}}
+",
+        root = env!("CARGO_MANIFEST_DIR"),
+        llama = hf("tiny-llama"),
+        bf = hf("tiny-llama-tied-bf16"),
+        qwen = hf("tiny-qwen2"),
+    );
+    let p = dir.path().join("p.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    let p = p.display().to_string();
+    let sepo = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sepo"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let r = sepo(&["run", &p, "--quiet"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let path = |stage: &str| {
+        let r = sepo(&["show", &p, stage, "--path"]);
+        std::path::PathBuf::from(String::from_utf8(r.stdout).unwrap().trim())
+    };
+    for (stage, src, dtype, name) in [
+        ("bf", "tiny-llama-tied-bf16", "BF16", "bfloat16"),
+        ("half", "tiny-qwen2", "F16", "float16"),
+    ] {
+        let ours = raw_tensors(&path(stage).join("model/model.safetensors"));
+        let theirs = raw_tensors(&std::path::Path::new(&hf(src)).join("model.safetensors"));
+        assert_eq!(ours.len(), theirs.len(), "{stage}: tensor names");
+        for (n, (d, shape, bytes)) in &theirs {
+            assert_eq!(d, dtype, "{src}: {n} is {d}");
+            let (od, oshape, obytes) = &ours[n];
+            assert_eq!((od, oshape), (d, shape), "{stage}: {n}");
+            assert!(
+                obytes == bytes,
+                "{stage}: {n}: bytes differ from transformers'"
+            );
+        }
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path(stage).join("model/config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg["dtype"].as_str(), cfg["torch_dtype"].as_str()),
+            (Some(name), Some(name))
+        );
+    }
+    assert_eq!(
+        path("plain"),
+        path("plain_f32"),
+        "dtype: f32 is the default"
+    );
+    let trained = raw_tensors(&path("sft16").join("model/model.safetensors"));
+    assert!(trained.values().all(|(d, _, _)| d == "BF16"));
+    // The bf16 folder loads: the next stage trained from it at lr 0 writes back the same values.
+    let back = read_all_f32(&path("again").join("model/model.safetensors")).unwrap();
+    let sent = read_all_f32(&path("sft16").join("model/model.safetensors")).unwrap();
+    assert_eq!(back.len(), sent.len());
+    for (n, t) in &sent {
+        assert_eq!(back[n].data, t.data, "{n}");
+    }
+}

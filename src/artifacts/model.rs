@@ -86,6 +86,11 @@ impl ModelDir {
         model.save(&self.dir)
     }
 
+    /// [`ModelDir::save`] with the weights stored as `dtype`.
+    pub fn save_as(&self, model: &CausalLm, dtype: crate::model::Precision) -> Result<()> {
+        model.save_as(&self.dir, dtype)
+    }
+
     /// Whether the folder holds a reward model (`*ForSequenceClassification`) rather than a
     /// causal LM ([`crate::model::is_reward_model`]).
     pub fn is_reward_model(&self) -> Result<bool> {

@@ -508,3 +508,19 @@ impl ModelConfig {
         Value::Object(out)
     }
 }
+
+/// A config.json (from [`ModelConfig::to_hf_json`]) whose `dtype` and `torch_dtype` name the
+/// dtype its weights are stored in.
+pub fn with_dtype(mut config: Value, dtype: super::Precision) -> Value {
+    let name = match dtype {
+        super::Precision::F32 => "float32",
+        super::Precision::Bf16 => "bfloat16",
+        super::Precision::F16 => "float16",
+    };
+    if let Some(obj) = config.as_object_mut() {
+        for key in ["dtype", "torch_dtype"] {
+            obj.insert(key.into(), json!(name));
+        }
+    }
+    config
+}

@@ -81,8 +81,16 @@ impl CausalLm {
     /// Writes `config.json` and `model.safetensors` (f32, Hugging Face names, sorted, metadata
     /// `{"format":"pt"}`) into `dir`, creating it. Equal weights give equal bytes.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_as(dir, Precision::F32)
+    }
+
+    /// [`CausalLm::save`] with the weights stored as `dtype` (bf16/f16 rounded to nearest even,
+    /// as `model.to(torch.bfloat16)` does) and config.json's `dtype`/`torch_dtype` saying so, as
+    /// Hugging Face folders of these models ship.
+    pub fn save_as(&self, dir: &Path, dtype: Precision) -> Result<()> {
         let weights = weights::export_weights(&self.config, &self.decoder);
-        write_folder_with(dir, &self.config.to_hf_json(), |path| weights.write(path))
+        let config = config::with_dtype(self.config.to_hf_json(), dtype);
+        write_folder_with(dir, &config, |path| weights.write_as(path, dtype))
     }
 
     /// The model computing its matrix products in `precision` (parameters stay f32); see
@@ -350,15 +358,23 @@ impl CausalLm {
     }
 }
 
-/// Writes a model folder: `model.safetensors` (f32, sorted, metadata `{"format":"pt"}`) and
-/// `config.json` (pretty, newline-terminated), creating `dir`.
+/// Writes a model folder: `model.safetensors` (as `dtype`, sorted, metadata `{"format":"pt"}`)
+/// and `config.json` (pretty, newline-terminated), creating `dir`.
 fn write_folder(
     dir: &Path,
     tensors: &[(String, HostTensor)],
     config: &serde_json::Value,
+    dtype: Precision,
 ) -> Result<()> {
     let refs = safetensors_io::as_refs(tensors);
-    write_folder_with(dir, config, |path| safetensors_io::write_f32(path, &refs))
+    let streamed: Vec<safetensors_io::Streamed> = refs
+        .iter()
+        .map(|t| (t.name, t.shape, t as &dyn safetensors_io::TensorBytes))
+        .collect();
+    let config = config::with_dtype(config.clone(), dtype);
+    write_folder_with(dir, &config, |path| {
+        safetensors_io::write_streamed(path, &streamed, dtype)
+    })
 }
 
 /// [`write_folder`], the weights written by `write_weights`. They are hashed as they are

@@ -160,6 +160,11 @@ impl RewardModel {
     /// `AutoModelForSequenceClassification.from_pretrained` loads it. Equal weights give equal
     /// bytes.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_as(dir, super::Precision::F32)
+    }
+
+    /// [`RewardModel::save`] with the weights stored as `dtype` (see [`CausalLm::save_as`]).
+    pub fn save_as(&self, dir: &Path, dtype: super::Precision) -> Result<()> {
         let mut cfg = self.config.to_hf_json();
         let obj = cfg.as_object_mut().expect("to_hf_json gives an object");
         // `num_labels` would win over `id2label` in transformers; one key says it.
@@ -170,7 +175,7 @@ impl RewardModel {
         );
         obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
         obj.insert("label2id".into(), json!({"LABEL_0": 0}));
-        super::write_folder(dir, &self.hf_tensors(), &cfg)
+        super::write_folder(dir, &self.hf_tensors(), &cfg, dtype)
     }
 
     /// The weights as Hugging Face tensors (names and layouts of transformers), in f32.

@@ -21,6 +21,8 @@ use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+use super::Precision;
+
 /// A tensor on the host, row-major f32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
@@ -587,6 +589,18 @@ pub fn write_f32(path: &Path, tensors: &[TensorRef<'_>]) -> Result<Written> {
 /// on two threads; small pieces are gathered first, so that no write is tiny. A tensor that
 /// produces more or fewer bytes than its shape says is an error.
 pub fn write_f32_streamed(path: &Path, tensors: &[Streamed<'_>]) -> Result<Written> {
+    write_streamed(path, tensors, Precision::F32)
+}
+
+/// [`write_f32_streamed`] storing the values as `dtype`: f32 as they are, or rounded to
+/// bf16/f16 (round to nearest even, as `torch.Tensor.to` rounds) on their way out, piece by
+/// piece. The bytes are those of `safetensors::serialize` of the rounded tensors.
+pub fn write_streamed(path: &Path, tensors: &[Streamed<'_>], dtype: Precision) -> Result<Written> {
+    let (st_dtype, size) = match dtype {
+        Precision::F32 => (Dtype::F32, 4),
+        Precision::Bf16 => (Dtype::BF16, 2),
+        Precision::F16 => (Dtype::F16, 2),
+    };
     let mut sorted = tensors.to_vec();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut entries = Vec::with_capacity(sorted.len());
@@ -596,9 +610,9 @@ pub fn write_f32_streamed(path: &Path, tensors: &[Streamed<'_>]) -> Result<Writt
         }
         entries.push((
             *name,
-            Dtype::F32,
+            st_dtype,
             *shape,
-            4 * shape.iter().product::<usize>(),
+            size * shape.iter().product::<usize>(),
         ));
     }
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
@@ -614,7 +628,14 @@ pub fn write_f32_streamed(path: &Path, tensors: &[Streamed<'_>]) -> Result<Writt
     out.put(&header).with_context(cannot)?;
     for ((name, _, bytes), (_, _, _, len)) in sorted.iter().zip(&entries) {
         let before = out.size;
-        bytes.emit(&mut |b: &[u8]| out.put(b).with_context(cannot))?;
+        bytes.emit(&mut |b: &[u8]| match dtype {
+            Precision::F32 => out.put(b).with_context(cannot),
+            Precision::Bf16 | Precision::F16 => {
+                let half = to_half_bytes(b, dtype)
+                    .with_context(|| format!("tensor `{name}`: f32 bytes expected"))?;
+                out.put(&half).with_context(cannot)
+            }
+        })?;
         let wrote = out.size - before;
         if wrote != *len as u64 {
             bail!("tensor `{name}`: {wrote} bytes written, its shape says {len}");
@@ -624,6 +645,37 @@ pub fn write_f32_streamed(path: &Path, tensors: &[Streamed<'_>]) -> Result<Writt
     Ok(Written {
         size: out.size,
         blake3: out.hasher.finalize().to_hex().to_string(),
+    })
+}
+
+/// f32 little-endian bytes rounded to bf16 or f16 little-endian bytes (half's slice conversion:
+/// one call per piece, vectorized where the CPU allows). Little-endian hosts, as the rest of the
+/// writer.
+fn to_half_bytes(f32_bytes: &[u8], dtype: Precision) -> Result<Vec<u8>> {
+    use half::slice::HalfFloatSliceExt;
+    if !f32_bytes.len().is_multiple_of(4) {
+        bail!(
+            "{} bytes is not a whole number of f32 values",
+            f32_bytes.len()
+        );
+    }
+    // A copy when the piece is not 4-aligned (`Piece::Bytes` of a `Vec<u8>` need not be).
+    let values: Cow<[f32]> = match bytemuck::try_cast_slice(f32_bytes) {
+        Ok(v) => Cow::Borrowed(v),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(f32_bytes)),
+    };
+    Ok(match dtype {
+        Precision::Bf16 => {
+            let mut out = vec![half::bf16::ZERO; values.len()];
+            out.convert_from_f32_slice(&values);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+        Precision::F16 => {
+            let mut out = vec![half::f16::ZERO; values.len()];
+            out.convert_from_f32_slice(&values);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+        Precision::F32 => f32_bytes.to_vec(),
     })
 }
 

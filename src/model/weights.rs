@@ -220,6 +220,11 @@ impl HfExport<'_> {
     /// Writes the tensors as `model.safetensors` ([`safetensors_io::write_f32_streamed`]): the
     /// bytes of [`safetensors_io::serialize_f32`] of [`HfExport::into_host`], hashed on the way.
     pub fn write(&self, path: &std::path::Path) -> Result<Written> {
+        self.write_as(path, super::Precision::F32)
+    }
+
+    /// [`HfExport::write`] storing the values as `dtype` ([`safetensors_io::write_streamed`]).
+    pub fn write_as(&self, path: &std::path::Path, dtype: super::Precision) -> Result<Written> {
         let streamed: Vec<Streamed> = self
             .tensors
             .iter()
@@ -227,7 +232,7 @@ impl HfExport<'_> {
                 (name.as_str(), shape.as_slice(), piece as &dyn TensorBytes)
             })
             .collect();
-        safetensors_io::write_f32_streamed(path, &streamed)
+        safetensors_io::write_streamed(path, &streamed, dtype)
     }
 
     /// The tensors as host tensors, in the layout's order (read out on all threads).

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::artifacts::{ModelDir, tokenizer_of};
 use crate::error::user;
-use crate::model::{Architecture, CausalLm, ModelConfig};
+use crate::model::{Architecture, CausalLm, ModelConfig, Precision};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -51,6 +51,13 @@ pub struct ModelStageConfig {
     /// Seed of a fresh model's initialization (default: the pipeline's seed).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// How `model/model.safetensors` stores the weights: `f32` (default), or `bf16`/`f16`
+    /// (rounded to nearest even, config.json's `dtype` saying so), as Hugging Face folders of these
+    /// models ship: half the bytes to write, hash and read. Loading computes in f32 either way.
+    // Left out of the canonical parameters at f32, so that adding it moved no hash.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    #[schemars(extend("default" = "f32"))]
+    pub dtype: Precision,
 }
 
 struct ModelStage {
@@ -158,11 +165,11 @@ impl Stage for ModelStage {
             let rm = dir
                 .load_reward(&device)
                 .map_err(|e| user(format!("{e:#}")))?;
-            rm.save(out.path())?;
+            rm.save_as(out.path(), self.cfg.dtype)?;
             (rm.vocab_size(), rm.param_count(), rm.config().architecture)
         } else {
             let model = self.causal_lm(from.as_ref(), tokenizer.as_ref(), &device)?;
-            out.save(&model)?;
+            out.save_as(&model, self.cfg.dtype)?;
             (
                 model.vocab_size(),
                 model.param_count(),

@@ -147,6 +147,13 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     #[schemars(extend("default" = "f32"))]
     pub precision: Precision,
+    /// How `model/model.safetensors` stores the trained weights: `f32` (default), or `bf16`/`f16`
+    /// (rounded to nearest even, config.json's `dtype` saying so), as Hugging Face folders of these
+    /// models ship: half the bytes to write, hash and read. Loading computes in f32 either way.
+    // Left out of the canonical parameters at f32, so that adding it moved no hash.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    #[schemars(extend("default" = "f32"))]
+    pub dtype: Precision,
 }
 
 fn d_lr() -> f64 {
@@ -458,7 +465,7 @@ impl Stage for Train {
                     ctx.progress,
                     ctx.stage,
                 )?;
-                out.save(&model)?;
+                out.save_as(&model, self.cfg.dtype)?;
                 metrics
             }
             Trainee::Reward(model) => {
@@ -471,7 +478,7 @@ impl Stage for Train {
                     ctx.progress,
                     ctx.stage,
                 )?;
-                model.save(out.path())?;
+                model.save_as(out.path(), self.cfg.dtype)?;
                 metrics
             }
         };
