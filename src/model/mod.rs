@@ -6,6 +6,7 @@
 //! log-probabilities and continuations.
 
 pub mod arch;
+pub mod attention;
 pub mod config;
 pub mod generate;
 pub mod layout;

@@ -389,8 +389,8 @@ fn matmul_rows<const D: usize>(
 /// Scaled dot-product attention of `q` `[b, h, s, d]` over `k`, `v` `[b, h, past + s, d]`,
 /// causal (query `i` sits at position `past + i`), or under an explicit `mask` (true = masked).
 ///
-/// burn's fused `attention` is used where every backend agrees on its meaning: a square causal
-/// product, or one query (which sees every key). LibTorch's fused kernel aligns `is_causal`
+/// A square causal product goes through [`super::attention::causal_attention`] (fused forward
+/// and backward); burn's fused `attention` serves one query (which sees every key). LibTorch's fused kernel aligns `is_causal`
 /// top-left and reads bool masks the other way round, so the other cases (continuing a cache
 /// with several tokens, sliding windows) take burn's reference implementation, which is
 /// bottom-right aligned with true = masked on every backend.
@@ -414,7 +414,9 @@ fn attend(
             attention_fallback(q, k, v, Some(m), None, opts(false))
         }
         None if seq == 1 => attention(q, k, v, None, None, opts(false)),
-        None if past == 0 => attention(q, k, v, None, None, opts(true)),
+        // The training forward and every full-sequence forward: one fused operation with its
+        // own backward (super::attention), not burn's composed attention under autodiff.
+        None if past == 0 => super::attention::causal_attention(q, k, v),
         None => attention_fallback(q, k, v, None, None, opts(true)),
     }
 }
