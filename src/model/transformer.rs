@@ -390,9 +390,10 @@ fn matmul_rows<const D: usize>(
 /// causal (query `i` sits at position `past + i`), or under an explicit `mask` (true = masked).
 ///
 /// A square causal product goes through [`super::attention::causal_attention`] (fused forward
-/// and backward); burn's fused `attention` serves one query (which sees every key). LibTorch's fused kernel aligns `is_causal`
-/// top-left and reads bool masks the other way round, so the other cases (continuing a cache
-/// with several tokens, sliding windows) take burn's reference implementation, which is
+/// and backward); burn's fused `attention` serves one query (which sees every key), and a
+/// masked product (padding, sliding window) on LibTorch without gradients, with the mask
+/// complemented. LibTorch's fused kernel aligns `is_causal` top-left, so continuing a cache with
+/// several tokens, and masks under autodiff, take burn's reference implementation, which is
 /// bottom-right aligned with true = masked on every backend.
 fn attend(
     q: Tensor<4>,
@@ -411,6 +412,14 @@ fn attend(
         Some(m) => {
             let [_, _, sq, sk] = m.dims();
             let m = m.clone().expand([batch, heads, sq, sk]);
+            // Batched generation (left padding, a cache) on LibTorch: its fused kernel, handed
+            // the complement of the mask, since it reads a bool mask as torch does (true =
+            // attend). Without gradients only: burn's autodiff composes attention itself and
+            // reads the mask burn's way.
+            let device = q.device();
+            if !device.is_autodiff() && crate::device::device_name(&device).starts_with("tch") {
+                return attention(q, k, v, Some(m.bool_not()), None, opts(false));
+            }
             attention_fallback(q, k, v, Some(m), None, opts(false))
         }
         None if seq == 1 => attention(q, k, v, None, None, opts(false)),
