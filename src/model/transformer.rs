@@ -18,6 +18,8 @@ use super::precision::Precision;
 use super::rope::rope_inv_freq;
 use super::safetensors_io::HostTensor;
 
+mod fast_attention;
+
 /// A linear layer, weight `[in, out]`.
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -402,6 +404,13 @@ fn attend(
     mask: Option<&Tensor<4, Bool>>,
     past: usize,
 ) -> Tensor<4> {
+    // No-grad forwards on flex (score, reference log-probs, evaluate, generation): the kernel
+    // crate's causal attention, over each query's visible keys only.
+    if mask.is_none()
+        && let Some(out) = fast_attention::causal(&q, &k, &v, past)
+    {
+        return out;
+    }
     let [batch, heads, seq, _] = q.dims();
     let opts = |is_causal| AttentionModuleOptions {
         scale: None,
