@@ -18,8 +18,6 @@ use super::precision::Precision;
 use super::rope::rope_inv_freq;
 use super::safetensors_io::HostTensor;
 
-mod fast_attention;
-
 /// A linear layer, weight `[in, out]`.
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -407,7 +405,7 @@ fn attend(
     // No-grad forwards on flex (score, reference log-probs, evaluate, generation): the kernel
     // crate's causal attention, over each query's visible keys only.
     if mask.is_none()
-        && let Some(out) = fast_attention::causal(&q, &k, &v, past)
+        && let Some(out) = super::attention::inference::causal(&q, &k, &v, past)
     {
         return out;
     }

@@ -1,10 +1,12 @@
 //! sepo's CPU kernels, in safe Rust, compiled at `opt-level = 3` in every profile (the root
 //! `Cargo.toml` sets it for the dev profile, where the sepo crate itself is unoptimized).
 //!
-//! [`causal_attention`]: scaled dot-product attention for inference (no gradient), causal, with
-//! grouped-query heads and cached keys. It is flash-style: each block of queries walks its key
-//! tiles with an online softmax, never materializing a `seq x seq` score matrix, and it visits
-//! only the keys a query may see (burn-flex's tiled kernel also computes the masked half).
+//! [`causal_attention`]: scaled dot-product attention, causal, with grouped-query heads and
+//! cached keys. It is flash-style: each block of queries walks its key tiles with an online
+//! softmax, never materializing a `seq x seq` score matrix, and it visits only the keys a query
+//! may see (burn-flex's tiled kernel also computes the masked half). [`causal_attention_lse`]
+//! also returns each query's log-denominator, from which [`backward`] recomputes the
+//! probabilities for the gradient (training).
 //!
 //! Vectorization without `unsafe`: the kernel is written once over macerator's `Vector<S, f32>`
 //! (explicit lanes, fused multiply-adds) and run through its safe run-time dispatch
@@ -22,6 +24,10 @@
 //! versions and features: this crate adds no dependency to the build.
 
 #![forbid(unsafe_code)]
+
+pub mod backward;
+
+pub use backward::causal_attention_backward;
 
 use aligned_vec::{AVec, ConstAlign};
 use bytemuck::Zeroable;
@@ -81,6 +87,18 @@ pub fn accelerated() -> bool {
 /// If the slices do not have the shape's lengths, `heads` is not a multiple of `kv_heads`, or
 /// `head_dim` is not [`supports`]ed.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
+    causal_attention_lse(q, k, v, shape).0
+}
+
+/// [`causal_attention`] and, per query, the log of its softmax denominator (natural log,
+/// `lse_i = log sum_j exp(q_i k_j / sqrt(d))`, `[batch, heads, seq]`), which the backward pass
+/// ([`backward::causal_attention_backward`]) uses to recompute the probabilities.
+pub fn causal_attention_lse(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+) -> (Vec<f32>, Vec<f32>) {
     let AttentionShape {
         batch,
         heads,
@@ -120,7 +138,7 @@ fn tile_vecs(d: usize, width: usize) -> usize {
 }
 
 /// f32 lanes of the instruction set [`AutoArch`] picks on this CPU.
-struct Lanes;
+pub(crate) struct Lanes;
 
 impl WithSimd for Lanes {
     type Output = usize;
@@ -131,7 +149,12 @@ impl WithSimd for Lanes {
     }
 }
 
-fn run<const D: usize>(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
+fn run<const D: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+) -> (Vec<f32>, Vec<f32>) {
     let AttentionShape {
         heads,
         kv_heads,
@@ -141,8 +164,9 @@ fn run<const D: usize>(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -
     } = shape;
     let keys = past + seq;
     let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; q.len() / D];
     if out.is_empty() {
-        return out;
+        return (out, lse);
     }
     // Keys and values per kv head as blocks of `w` keys (one vector), each `[D][w]`
     // (channel-major), the last block zero-padded: block `j` of a head is `D` vectors.
@@ -171,17 +195,19 @@ fn run<const D: usize>(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -
     let group = heads / kv_heads;
     let (kt, vt): (&[f32], &[f32]) = (&kt, &vt);
     out.par_chunks_mut(seq * D)
+        .zip(lse.par_chunks_mut(seq))
         .zip(q.par_chunks(seq * D))
         .enumerate()
-        .for_each(|(bh, (out, q))| {
+        .for_each(|(bh, ((out, lse), q))| {
             let (b, h) = (bh / heads, bh % heads);
             let kv = b * kv_heads + h / group;
             let kt = &kt[kv * per_head..(kv + 1) * per_head];
             let vt = &vt[kv * per_head..(kv + 1) * per_head];
             out.par_chunks_mut(rows * D)
+                .zip(lse.par_chunks_mut(rows))
                 .zip(q.par_chunks(rows * D))
                 .enumerate()
-                .for_each(|(i, (out, q))| {
+                .for_each(|(i, ((out, lse), q))| {
                     AutoArch::new().dispatch(QueryBlock::<D> {
                         q,
                         kt,
@@ -190,10 +216,11 @@ fn run<const D: usize>(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -
                         first: past + i * rows,
                         scale,
                         out,
+                        lse,
                     })
                 });
         });
-    out
+    (out, lse)
 }
 
 /// One task: consecutive queries of one head against that head's keys and values.
@@ -212,6 +239,8 @@ struct QueryBlock<'a, const D: usize> {
     scale: f32,
     /// `[rows, D]`.
     out: &'a mut [f32],
+    /// `[rows]`: each query's natural-log softmax denominator.
+    lse: &'a mut [f32],
 }
 
 impl<const D: usize> WithSimd for QueryBlock<'_, D> {
@@ -264,6 +293,8 @@ impl<const D: usize> QueryBlock<'_, D> {
         }
         for (r, o) in self.out.chunks_exact_mut(D).enumerate() {
             let total = sum[r].reduce_add();
+            // Scores were in base 2, less the running maximum.
+            self.lse[r] = (max[r] + total.log2()) * std::f32::consts::LN_2;
             for (o, a) in o.iter_mut().zip(&acc[r * D..(r + 1) * D]) {
                 *o = a.reduce_add() / total;
             }
@@ -351,7 +382,7 @@ fn row_values<S: Simd, const D: usize>(
 /// `2^f` Cephes' `exp2f` polynomial (relative error under 2e-7), `2^n` built in the exponent
 /// bits.
 #[inline(always)]
-fn exp2<S: Simd>(x: Vector<S, f32>) -> Vector<S, f32> {
+pub(crate) fn exp2<S: Simd>(x: Vector<S, f32>) -> Vector<S, f32> {
     // Adding 1.5 * 2^23 rounds to an integer, held in the low mantissa bits.
     let round = 12_582_912f32.splat::<S>();
     let low = (-126f32).splat::<S>();

@@ -1,5 +1,6 @@
 //! The causal attention of no-grad forwards on flex (reference log-probs, `score`, `evaluate`,
-//! generation) through `sepo_kernels::causal_attention`: each query over only the keys it sees,
+//! generation, with or without a KV cache, grouped-query heads as they are) through
+//! `sepo_kernels::causal_attention`: each query over only the keys it sees,
 //! online softmax over key tiles, vectorized. burn-flex's own attention computes the masked
 //! half of the scores too, with a scalar exponential, and was 93% of the score stage.
 //!
@@ -16,7 +17,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 /// than f32, an unsupported head width, or a CPU without AVX2 + FMA.
 ///
 /// `q` is `[batch, heads, seq, d]`, `k` and `v` `[batch, kv_heads, past + seq, d]`.
-pub(super) fn causal(
+pub(crate) fn causal(
     q: &Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,

@@ -10,14 +10,20 @@
 //! from q, k and v:
 //! - LibTorch: `scaled_dot_product_attention(is_causal)` forward; the backward replays it under
 //!   torch's own autograd, so torch's fused backward kernel computes the gradients;
-//! - Flex: burn-flex's tiled attention forward; the backward is the softmax-attention gradient
-//!   written out (`dS = P * (dP - rowsum(P * dP))`) on the recomputed probabilities.
+//! - Flex: the kernel crate's causal attention (`sepo_kernels`: vectorized, only the keys each
+//!   query sees, flash-style online softmax) forward and backward, which recomputes the
+//!   probabilities row by row from the forward's log-denominators; where the kernel does not
+//!   apply (not f32, an odd head width, a CPU without AVX2 + FMA), burn-flex's attention and the
+//!   softmax-attention gradient written out on recomputed probabilities.
 //!
 //! Both are checked against burn's decomposed attention (values and gradients) in the tests below.
+//! [`inference`] is the flex kernel for no-grad forwards that continue a KV cache.
 
 // burn 0.22 marks its LibTorch types deprecated (burn-tch is on its way out); sepo still uses them
 // for CUDA, as src/device.rs does.
 #![allow(deprecated)]
+
+pub(crate) mod inference;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -70,6 +76,12 @@ impl CausalAttention for burn::backend::Flex {
         v: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
+        if let Some(shape) = flex_kernel::shape(&q, &k, &v, scale) {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.to_contiguous());
+            let (out, _) =
+                sepo_kernels::causal_attention_lse(q.storage(), k.storage(), v.storage(), shape);
+            return flex_kernel::tensor(out, q.layout().shape().clone());
+        }
         use burn::backend::ops::ModuleOps;
         let opts = burn::tensor::ops::AttentionModuleOptions {
             scale: Some(scale),
@@ -86,7 +98,70 @@ impl CausalAttention for burn::backend::Flex {
         dout: FloatTensor<Self>,
         scale: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if let Some(shape) = flex_kernel::shape(&q, &k, &v, scale)
+            && dout.dtype() == burn::tensor::DType::F32
+        {
+            // The forward again, for its output and log-denominators (cheaper than keeping
+            // them: a third of the backward's work), then the kernel's gradient.
+            let [q, k, v, dout] = [&q, &k, &v, &dout].map(|t| t.to_contiguous());
+            let (qs, ks, vs) = (q.storage(), k.storage(), v.storage());
+            let (out, lse) = sepo_kernels::causal_attention_lse(qs, ks, vs, shape);
+            let (dq, dk, dv) = sepo_kernels::causal_attention_backward(
+                qs,
+                ks,
+                vs,
+                &out,
+                dout.storage(),
+                &lse,
+                shape,
+            );
+            let to = |x: Vec<f32>, like: &FloatTensor<Self>| {
+                flex_kernel::tensor(x, like.layout().shape().clone())
+            };
+            return (to(dq, &q), to(dk, &k), to(dv, &v));
+        }
         recomputed_backward::<Self>(q, k, v, dout, scale)
+    }
+}
+
+/// The kernel crate's attention on flex tensors (`sepo_kernels`: vectorized, optimized in
+/// every profile, only the keys each query sees).
+#[cfg(feature = "flex")]
+mod flex_kernel {
+    use burn::backend::TensorMetadata;
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, TensorData};
+
+    /// The kernel's shape for `q`, `k`, `v` `[batch, heads, seq, d]` (key/value heads already
+    /// repeated), or `None` where it does not apply: not f32, a head width it has no kernel
+    /// for, a CPU without AVX2 + FMA, a scale other than `1/sqrt(d)`.
+    pub(super) fn shape(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        scale: f64,
+    ) -> Option<sepo_kernels::AttentionShape> {
+        let dims = q.shape();
+        let [batch, heads, seq, head_dim] = [dims[0], dims[1], dims[2], dims[3]];
+        let usable = [q.dtype(), k.dtype(), v.dtype()] == [DType::F32; 3]
+            && k.shape() == dims
+            && v.shape() == dims
+            && sepo_kernels::supports(head_dim)
+            && sepo_kernels::accelerated()
+            && (scale - 1.0 / (head_dim as f64).sqrt()).abs() < 1e-12;
+        usable.then_some(sepo_kernels::AttentionShape {
+            batch,
+            heads,
+            kv_heads: heads,
+            seq,
+            past: 0,
+            head_dim,
+        })
+    }
+
+    /// A flex tensor of `values` in `shape`.
+    pub(super) fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
     }
 }
 
