@@ -173,17 +173,7 @@ impl CausalAttention for burn::backend::LibTorch {
         v: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        let out = tch::Tensor::scaled_dot_product_attention(
-            &q.tensor,
-            &k.tensor,
-            &v.tensor,
-            None::<tch::Tensor>,
-            0.0,
-            true,
-            Some(scale),
-            false,
-        );
-        burn::backend::libtorch::TchTensor::new(out)
+        burn::backend::libtorch::TchTensor::new(sdpa(&q.tensor, &k.tensor, &v.tensor, scale))
     }
 
     fn causal_attention_backward(
@@ -199,16 +189,7 @@ impl CausalAttention for burn::backend::LibTorch {
         let mut grads = tch::with_grad(|| {
             let leaf = |t: &tch::Tensor| t.detach().set_requires_grad(true);
             let (q, k, v) = (leaf(&q.tensor), leaf(&k.tensor), leaf(&v.tensor));
-            let out = tch::Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<tch::Tensor>,
-                0.0,
-                true,
-                Some(scale),
-                false,
-            );
+            let out = sdpa(&q, &k, &v, scale);
             let dot = (out * &dout.tensor).sum(dout.tensor.kind());
             tch::Tensor::run_backward(&[dot], &[&q, &k, &v], false, false)
         });
@@ -218,6 +199,21 @@ impl CausalAttention for burn::backend::LibTorch {
         let dq = new(grads.pop().expect("dq"));
         (dq, dk, dv)
     }
+}
+
+/// torch's causal `scaled_dot_product_attention` (no dropout, no mask, heads already repeated).
+#[cfg(feature = "tch")]
+fn sdpa(q: &tch::Tensor, k: &tch::Tensor, v: &tch::Tensor, scale: f64) -> tch::Tensor {
+    tch::Tensor::scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        None::<tch::Tensor>,
+        0.0,
+        true,
+        Some(scale),
+        false,
+    )
 }
 
 /// The attention gradient on the backend's own ops, from probabilities recomputed from q and k:
