@@ -16,7 +16,7 @@ use bytemuck::Zeroable;
 use macerator::{AutoArch, Scalar, Simd, Vector, WithSimd};
 use rayon::prelude::*;
 
-use crate::{AttentionShape, Lanes, exp2};
+use crate::{AttentionShape, Lanes, dot, exp2, hide_from, to_blocks};
 
 /// The gradients `(dq, dk, dv)` of [`crate::causal_attention`] for the output gradient `dout`,
 /// from the inputs, the output and [`crate::causal_attention_lse`]'s `lse`. Shapes as there;
@@ -165,12 +165,7 @@ impl<const D: usize> HeadGrad<'_, D> {
         let transposed = |rows: &[f32]| {
             let mut t = AVec::<f32, ConstAlign<64>>::new(64);
             t.resize(blocks * D * w, 0.0);
-            for (j, r) in rows.chunks_exact(D).enumerate() {
-                let at = j / w * D * w + j % w;
-                for c in 0..D {
-                    t[at + c * w] = r[c];
-                }
-            }
+            to_blocks::<D>(rows, w, &mut t);
             t
         };
         let (kt, vt) = (transposed(self.k), transposed(self.v));
@@ -201,25 +196,10 @@ impl<const D: usize> HeadGrad<'_, D> {
             for j in 0..end.div_ceil(w) {
                 let kb: &[Vector<S, f32>; D] = kt[j * D..(j + 1) * D].try_into().expect("keys");
                 let vb: &[Vector<S, f32>; D] = vt[j * D..(j + 1) * D].try_into().expect("values");
-                let (mut s0, mut s1) = (zero, zero);
-                let (mut p0, mut p1) = (zero, zero);
-                for c in (0..D).step_by(2) {
-                    s0 = q2[c].mul_add(kb[c], s0);
-                    s1 = q2[c + 1].mul_add(kb[c + 1], s1);
-                    p0 = gv[c].mul_add(vb[c], p0);
-                    p1 = gv[c + 1].mul_add(vb[c + 1], p1);
-                }
-                let mut s = s0 + s1;
-                if (j + 1) * w > end {
-                    let lanes: &mut [f32] = bytemuck::cast_slice_mut(std::slice::from_mut(&mut s));
-                    for (x, l) in lanes.iter_mut().enumerate() {
-                        if j * w + x >= end {
-                            *l = f32::NEG_INFINITY;
-                        }
-                    }
-                }
+                let mut s = dot(&q2, kb);
+                hide_from(&mut s, j * w, end);
                 let p = exp2::<S>(s - m);
-                let ds = p * ((p0 + p1) - dd);
+                let ds = p * (dot(&gv, vb) - dd);
                 let dkb: &mut [Vector<S, f32>; D] =
                     (&mut dkt[j * D..(j + 1) * D]).try_into().expect("dk");
                 for c in 0..D {

@@ -137,6 +137,48 @@ fn tile_vecs(d: usize, width: usize) -> usize {
     (4096 / (d * width)).clamp(2, 256)
 }
 
+/// Rows `[n, D]` into blocks of `w` rows, each `[D][w]` (channel-major: channel `c` of row `j`
+/// at `j / w * D * w + c * w + j % w`); `blocks` holds `n.div_ceil(w)` of them, and what the
+/// rows leave of the last stays as it was (zero).
+pub(crate) fn to_blocks<const D: usize>(rows: &[f32], w: usize, blocks: &mut [f32]) {
+    for (j, r) in rows.chunks_exact(D).enumerate() {
+        let at = j / w * D * w + j % w;
+        for c in 0..D {
+            blocks[at + c * w] = r[c];
+        }
+    }
+}
+
+/// `sum_c a[c] * b[c]` lane by lane: two chains of fused multiply-adds, so that their latency
+/// overlaps.
+#[inline(always)]
+pub(crate) fn dot<S: Simd, const D: usize>(
+    a: &[Vector<S, f32>; D],
+    b: &[Vector<S, f32>; D],
+) -> Vector<S, f32> {
+    let mut s0 = 0f32.splat::<S>();
+    let mut s1 = 0f32.splat::<S>();
+    for c in (0..D).step_by(2) {
+        s0 = a[c].mul_add(b[c], s0);
+        s1 = a[c + 1].mul_add(b[c + 1], s1);
+    }
+    s0 + s1
+}
+
+/// Gives the lanes of `s`, the scores of keys `key..key + lanes`, that sit at or past `end` (a
+/// query's first hidden key) no weight: -inf. Only the vector on the diagonal has any.
+#[inline(always)]
+pub(crate) fn hide_from<S: Simd>(s: &mut Vector<S, f32>, key: usize, end: usize) {
+    if key + f32::lanes::<S>() > end {
+        let lanes: &mut [f32] = bytemuck::cast_slice_mut(std::slice::from_mut(s));
+        for (x, l) in lanes.iter_mut().enumerate() {
+            if key + x >= end {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// f32 lanes of the instruction set [`AutoArch`] picks on this CPU.
 pub(crate) struct Lanes;
 
@@ -181,13 +223,8 @@ fn run<const D: usize>(
         .zip(vt.par_chunks_mut(per_head))
         .zip(k.par_chunks(keys * D).zip(v.par_chunks(keys * D)))
         .for_each(|((kt, vt), (k, v))| {
-            for (j, (kr, vr)) in k.chunks_exact(D).zip(v.chunks_exact(D)).enumerate() {
-                let at = j / w * block + j % w;
-                for c in 0..D {
-                    kt[at + c * w] = kr[c];
-                    vt[at + c * w] = vr[c];
-                }
-            }
+            to_blocks::<D>(k, w, kt);
+            to_blocks::<D>(v, w, vt);
         });
     // Scores in base 2: `exp(x / sqrt(d)) = 2^(x * log2(e) / sqrt(d))`, the factor on q.
     let scale = std::f32::consts::LOG2_E / (D as f32).sqrt();
@@ -318,24 +355,8 @@ fn row_scores<S: Simd, const D: usize>(
     let mut vmax = f32::NEG_INFINITY.splat::<S>();
     for (j, (kb, s)) in kb.chunks_exact(D).zip(scores.iter_mut()).enumerate() {
         let kb: &[Vector<S, f32>; D] = kb.try_into().expect("a key block");
-        // Two chains of fused multiply-adds, so that their latency overlaps.
-        let mut s0 = 0f32.splat::<S>();
-        let mut s1 = 0f32.splat::<S>();
-        for c in (0..D).step_by(2) {
-            s0 = qv[c].mul_add(kb[c], s0);
-            s1 = qv[c + 1].mul_add(kb[c + 1], s1);
-        }
-        *s = s0 + s1;
-        // The vector on the diagonal: keys past the query's position get no weight.
-        let key = first + j * w;
-        if key + w > end {
-            let lanes: &mut [f32] = bytemuck::cast_slice_mut(std::slice::from_mut(s));
-            for (x, l) in lanes.iter_mut().enumerate() {
-                if key + x >= end {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-        }
+        *s = dot(&qv, kb);
+        hide_from(s, first + j * w, end);
         vmax = vmax.max(*s);
     }
     vmax.reduce_max()
