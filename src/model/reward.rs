@@ -259,12 +259,7 @@ impl RewardModel {
         let dt = self.decoder.precision().compute_dtype();
         // Under mixed precision the head runs in the low precision too (autocast's linear);
         // rewards come back in f32.
-        let r = self.score.forward_as(picked, dt).reshape([rows]);
-        if dt.is_some() {
-            r.cast(burn::tensor::FloatDType::F32)
-        } else {
-            r
-        }
+        super::transformer::to_f32(self.score.forward_as(picked, dt).reshape([rows]))
     }
 
     /// The reward of each sequence, without gradient, in batches of right-padded sequences.

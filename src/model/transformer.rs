@@ -446,7 +446,7 @@ fn cast<const D: usize>(x: Tensor<D>, dt: Option<FloatDType>) -> Tensor<D> {
 }
 
 /// `x` back in f32 (untouched when it already is, so the f32 path gains no graph nodes).
-fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+pub(crate) fn to_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     if x.dtype() == DType::F32 {
         x
     } else {

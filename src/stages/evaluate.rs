@@ -238,11 +238,7 @@ impl Stage for Evaluate {
 
         // 1. Held-out preference metrics (log-probs cached in the store like training's).
         let precision = self.cfg.precision;
-        if let Ok(device) = crate::device::parse_device(ctx.device)
-            && let Some(note) = crate::model::precision::cpu_note(&device, precision)
-        {
-            ctx.progress.log(format!("         {}: {note}", ctx.stage));
-        }
+        let device = super::compute_device(ctx, precision)?;
         let ref_lp = ensure_test(ctx, reference, data, "reference", precision)?;
         for e in &entries {
             let lp = if e.role == "reference" {
@@ -278,8 +274,6 @@ impl Stage for Evaluate {
         let n_prompts = self.cfg.max_prompts.unwrap_or(rows.len()).min(rows.len());
         let prompts: Vec<&TokenRow> = rows[..n_prompts].to_vec();
         if self.cfg.generate {
-            let device = crate::device::parse_device(ctx.device)
-                .map_err(|e| crate::error::user(e.to_string()))?;
             // The artifacts behind the token data, looked up once: the tokenize stage (template
             // and tokenizer for `prompts`) and the ingest stage (the instructions' text).
             let tokenize = crate::artifacts::model::tokenize_behind(ctx, data)?;

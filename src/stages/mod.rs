@@ -24,6 +24,19 @@ pub use crate::pipeline::stage::{
     Artifact, BuildContext, Registry, Role, RunContext, Stage, StageKind, params_schema,
 };
 
+/// The run's device for a stage that computes in `precision` (a bad name is exit 2), saying on
+/// stderr when that precision buys nothing there ([`crate::model::precision::cpu_note`]).
+pub fn compute_device(
+    ctx: &RunContext,
+    precision: crate::model::Precision,
+) -> Result<burn::tensor::Device> {
+    let device = crate::device::parse_device(ctx.device).map_err(|e| user(e.to_string()))?;
+    if let Some(note) = crate::model::precision::cpu_note(&device, precision) {
+        ctx.progress.log(format!("         {}: {note}", ctx.stage));
+    }
+    Ok(device)
+}
+
 /// Every stage kind, handed to the planner (`Plan::new(pipeline, &stages::REGISTRY)`).
 pub static REGISTRY: Registry = Registry::new(&[
     &ingest::KIND,

@@ -80,11 +80,8 @@ impl Stage for Score {
         check_same_vocabulary(oracle, reference)?;
         crate::artifacts::model::check_tokenizer_matches(ctx, oracle, data)?;
         let p = self.cfg.precision;
-        let device = crate::device::parse_device(ctx.device)
-            .map_err(|e| crate::error::user(e.to_string()))?;
-        if let Some(note) = crate::model::precision::cpu_note(&device, p) {
-            ctx.progress.log(format!("         {}: {note}", ctx.stage));
-        }
+        // The log-probs below load their models on it; here for the note.
+        super::compute_device(ctx, p)?;
         let lo = ensure(ctx, oracle, data, "oracle", p)?;
         let lr = ensure(ctx, reference, data, "reference", p)?;
         let diff = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<Vec<f32>> {

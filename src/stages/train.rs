@@ -14,7 +14,6 @@ use super::{
 use crate::artifacts::model::{LOSS_PLOT, METRICS_FILE, check_same_vocabulary};
 use crate::artifacts::{ModelDir, Tokens};
 use crate::data::parquet as pq;
-use crate::error::user;
 use crate::logprobs::ensure;
 use crate::model::{CausalLm, Precision, RewardModel};
 use crate::train::trainer::{self, Example, Objective, StepMetrics, TrainSpec};
@@ -397,17 +396,14 @@ impl Stage for Train {
             let _ = e;
             user_bail!("{}: a row has an empty prompt", path.display());
         }
-        let device = crate::device::parse_device(ctx.device).map_err(|e| user(e.to_string()))?;
+        let precision = self.cfg.precision;
+        let device = super::compute_device(ctx, precision)?;
         let train_device = if self.cfg.gradient_checkpointing {
             device.clone().autodiff().gradient_checkpointing()
         } else {
             device.clone().autodiff()
         };
         let model_dir = ModelDir::of(model_in);
-        let precision = self.cfg.precision;
-        if let Some(note) = crate::model::precision::cpu_note(&device, precision) {
-            ctx.progress.log(format!("         {}: {note}", ctx.stage));
-        }
         let model = match spec.objective {
             Objective::Reward if model_dir.is_reward_model()? => Trainee::Reward(
                 model_dir
