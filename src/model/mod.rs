@@ -368,13 +368,9 @@ fn write_folder(
     dtype: Precision,
 ) -> Result<()> {
     let refs = safetensors_io::as_refs(tensors);
-    let streamed: Vec<safetensors_io::Streamed> = refs
-        .iter()
-        .map(|t| (t.name, t.shape, t as &dyn safetensors_io::TensorBytes))
-        .collect();
     let config = config::with_dtype(config.clone(), dtype);
     write_folder_with(dir, &config, |path| {
-        safetensors_io::write_streamed(path, &streamed, dtype)
+        safetensors_io::write_as(path, &refs, dtype)
     })
 }
 

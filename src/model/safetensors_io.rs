@@ -577,11 +577,16 @@ pub type Streamed<'a> = (&'a str, &'a [usize], &'a dyn TensorBytes);
 /// header, then each tensor's values as they are, hashed (blake3) on a second thread while
 /// they are written. Returns the size and hash of what was written.
 pub fn write_f32(path: &Path, tensors: &[TensorRef<'_>]) -> Result<Written> {
+    write_as(path, tensors, Precision::F32)
+}
+
+/// [`write_f32`] storing the values as `dtype` ([`write_streamed`]).
+pub fn write_as(path: &Path, tensors: &[TensorRef<'_>], dtype: Precision) -> Result<Written> {
     let streamed: Vec<Streamed> = tensors
         .iter()
         .map(|t| (t.name, t.shape, t as &dyn TensorBytes))
         .collect();
-    write_f32_streamed(path, &streamed)
+    write_streamed(path, &streamed, dtype)
 }
 
 /// [`write_f32`] of tensors whose bytes are produced as they are written ([`TensorBytes`]):
@@ -628,13 +633,10 @@ pub fn write_streamed(path: &Path, tensors: &[Streamed<'_>], dtype: Precision) -
     out.put(&header).with_context(cannot)?;
     for ((name, _, bytes), (_, _, _, len)) in sorted.iter().zip(&entries) {
         let before = out.size;
-        bytes.emit(&mut |b: &[u8]| match dtype {
-            Precision::F32 => out.put(b).with_context(cannot),
-            Precision::Bf16 | Precision::F16 => {
-                let half = to_half_bytes(b, dtype)
-                    .with_context(|| format!("tensor `{name}`: f32 bytes expected"))?;
-                out.put(&half).with_context(cannot)
-            }
+        bytes.emit(&mut |b: &[u8]| {
+            let b =
+                encode(b, dtype).with_context(|| format!("tensor `{name}`: f32 bytes expected"))?;
+            out.put(&b).with_context(cannot)
         })?;
         let wrote = out.size - before;
         if wrote != *len as u64 {
@@ -648,34 +650,38 @@ pub fn write_streamed(path: &Path, tensors: &[Streamed<'_>], dtype: Precision) -
     })
 }
 
-/// f32 little-endian bytes rounded to bf16 or f16 little-endian bytes (half's slice conversion:
-/// one call per piece, vectorized where the CPU allows). Little-endian hosts, as the rest of the
-/// writer.
-fn to_half_bytes(f32_bytes: &[u8], dtype: Precision) -> Result<Vec<u8>> {
+/// f32 little-endian bytes as `dtype` stores them: as they are for f32, else rounded to bf16 or
+/// f16 little-endian bytes (half's slice conversion: one call per piece, vectorized where the
+/// CPU allows). Little-endian hosts, as the rest of the writer.
+fn encode(f32_bytes: &[u8], dtype: Precision) -> Result<Cow<'_, [u8]>> {
     use half::slice::HalfFloatSliceExt;
-    if !f32_bytes.len().is_multiple_of(4) {
-        bail!(
-            "{} bytes is not a whole number of f32 values",
-            f32_bytes.len()
-        );
-    }
-    // A copy when the piece is not 4-aligned (`Piece::Bytes` of a `Vec<u8>` need not be).
-    let values: Cow<[f32]> = match bytemuck::try_cast_slice(f32_bytes) {
-        Ok(v) => Cow::Borrowed(v),
-        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(f32_bytes)),
+    let values = || -> Result<Cow<[f32]>> {
+        if !f32_bytes.len().is_multiple_of(4) {
+            bail!(
+                "{} bytes is not a whole number of f32 values",
+                f32_bytes.len()
+            );
+        }
+        // A copy when the piece is not 4-aligned (`Piece::Bytes` of a `Vec<u8>` need not be).
+        Ok(match bytemuck::try_cast_slice(f32_bytes) {
+            Ok(v) => Cow::Borrowed(v),
+            Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(f32_bytes)),
+        })
     };
     Ok(match dtype {
+        Precision::F32 => Cow::Borrowed(f32_bytes),
         Precision::Bf16 => {
+            let values = values()?;
             let mut out = vec![half::bf16::ZERO; values.len()];
             out.convert_from_f32_slice(&values);
-            bytemuck::cast_slice(&out).to_vec()
+            Cow::Owned(bytemuck::cast_slice(&out).to_vec())
         }
         Precision::F16 => {
+            let values = values()?;
             let mut out = vec![half::f16::ZERO; values.len()];
             out.convert_from_f32_slice(&values);
-            bytemuck::cast_slice(&out).to_vec()
+            Cow::Owned(bytemuck::cast_slice(&out).to_vec())
         }
-        Precision::F32 => f32_bytes.to_vec(),
     })
 }
 
