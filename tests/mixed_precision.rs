@@ -37,20 +37,6 @@ fn token_scores(dir: &Path) -> Vec<f64> {
     })
 }
 
-/// The dtype of every tensor in a safetensors file (from its JSON header).
-fn safetensors_dtypes(path: &Path) -> Vec<String> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn bf16_train_score_and_evaluate() {
     let y = format!(
@@ -117,7 +103,10 @@ fn bf16_train_score_and_evaluate() {
         l16[0],
         l32[0]
     );
-    let dtypes = safetensors_dtypes(&b.join("model/model.safetensors"));
+    let dtypes: Vec<String> = common::raw_tensors(&b.join("model/model.safetensors"))
+        .into_values()
+        .map(|(dtype, _, _)| dtype)
+        .collect();
     assert!(
         !dtypes.is_empty() && dtypes.iter().all(|d| d == "F32"),
         "{dtypes:?}"

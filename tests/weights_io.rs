@@ -6,7 +6,10 @@
 //! autodiff device. The optimizer half of a checkpoint likewise: the file `AdamW::save` streams is
 //! `AdamW::to_bytes`, and loading it back restores the state exactly.
 
+mod common;
+
 use burn::tensor::{Int, Tensor, TensorData};
+use common::{artifact_dir, pipeline, raw_tensors, sepo};
 use sepo::model::safetensors_io::{HostTensor, read_all_f32, serialize_f32};
 use sepo::model::{CausalLm, ModelConfig};
 use sepo::train::{AdamW, AdamWConfig, ParamGrads};
@@ -154,21 +157,6 @@ fn the_optimizer_state_file_is_to_bytes_and_loads_back_exactly() {
     assert!(err.contains("AdamW state"), "{err}");
 }
 
-/// Each tensor of a safetensors file: (dtype, shape, raw bytes), by name.
-fn raw_tensors(
-    path: &std::path::Path,
-) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let dtype = format!("{:?}", v.dtype());
-            (name, (dtype, v.shape().to_vec(), v.data().to_vec()))
-        })
-        .collect()
-}
-
 /// `dtype: bf16` / `f16` keep a folder's half-precision weights: a `model` stage from
 /// transformers' own bf16 folder (tiny-llama-tied-bf16) or f16 folder (tiny-qwen2) writes back
 /// exactly transformers' tensors, byte for byte (half -> f32 -> half is exact), with
@@ -196,21 +184,10 @@ stages:
         bf = hf("tiny-llama-tied-bf16"),
         qwen = hf("tiny-qwen2"),
     );
-    let p = dir.path().join("p.yaml");
-    std::fs::write(&p, yaml).unwrap();
-    let p = p.display().to_string();
-    let sepo = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sepo"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let p = pipeline(dir.path(), &yaml);
     let r = sepo(&["run", &p, "--quiet"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let path = |stage: &str| {
-        let r = sepo(&["show", &p, stage, "--path"]);
-        std::path::PathBuf::from(String::from_utf8(r.stdout).unwrap().trim())
-    };
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let path = |stage: &str| artifact_dir(&p, stage);
     for (stage, src, dtype, name) in [
         ("bf", "tiny-llama-tied-bf16", "BF16", "bfloat16"),
         ("half", "tiny-qwen2", "F16", "float16"),

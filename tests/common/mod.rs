@@ -125,3 +125,18 @@ pub fn artifacts(cache: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Each tensor of a safetensors file: (dtype, shape, raw bytes), by name.
+pub fn raw_tensors(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let dtype = format!("{:?}", v.dtype());
+            (name, (dtype, v.shape().to_vec(), v.data().to_vec()))
+        })
+        .collect()
+}
