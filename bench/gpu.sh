@@ -11,6 +11,10 @@
 #   DEVICE=tch-cuda:0  TORCH_DEVICE=cuda  MODEL=tinyllama  BATCH=8  SEQ=512  REPS=3
 #   MODES="sft dpo sepo"  PY=python3  PEAK_TFLOPS (bf16 dense peak of the chip, for MFU; default
 #   989 for H100/H200)  SCALE=1 (0 skips the scale pipeline)  SCALE_SET (extra --set for it)
+#   PHASES=1: a diagnostic run instead: every training step waits for the GPU after forward,
+#   backward, clipping and optimizer, and each phase's mean is printed (sepo: SEPO_STEP_PHASES=1
+#   on stderr; PyTorch: `phases_ms` in its JSON). The waits slow both sides a little: take
+#   tokens/s from a run without it.
 # A CPU dry run of the script itself (what CI-less checks can do here):
 #   DEVICE=flex TORCH_DEVICE=cpu MODEL=small BATCH=2 SEQ=128 REPS=1 SCALE_SET='init.config={...}' bench/gpu.sh
 set -uo pipefail
@@ -24,9 +28,12 @@ MODEL="${MODEL:-tinyllama}"
 BATCH="${BATCH:-8}"
 SEQ="${SEQ:-512}"
 REPS="${REPS:-3}"
-MODES="${MODES:-sft dpo sepo}"
+MODES="${MODES-sft dpo sepo}"  # MODES= (empty) runs the scale pipeline alone
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 SCALE="${SCALE:-1}"
+PHASES="${PHASES:-0}"
+torch_phases=()
+if [ "$PHASES" = 1 ]; then export SEPO_STEP_PHASES=1; torch_phases=(--phases); fi
 OUT="${1:-$(mktemp -d)}"
 mkdir -p "$OUT"
 CACHE="$OUT/cache"
@@ -61,9 +68,9 @@ for m in $MODES; do
   echo "== $m: sepo bf16 (mixed precision) on $DEVICE ($((SECONDS - start)) s)" >&2
   with_gpu_peak "$BENCH" "$m" --device "$DEVICE" --precision bf16 "${common[@]}" | tee -a "$LOG"
   echo "== $m: PyTorch eager f32 on $TORCH_DEVICE" >&2
-  "$PY" scripts/bench_torch.py "$m" --device "$TORCH_DEVICE" "${common[@]}" | tee -a "$LOG"
+  "$PY" scripts/bench_torch.py "$m" --device "$TORCH_DEVICE" "${common[@]}" "${torch_phases[@]}" | tee -a "$LOG"
   echo "== $m: PyTorch eager bf16 autocast" >&2
-  "$PY" scripts/bench_torch.py "$m" --device "$TORCH_DEVICE" --bf16 "${common[@]}" | tee -a "$LOG"
+  "$PY" scripts/bench_torch.py "$m" --device "$TORCH_DEVICE" --bf16 "${common[@]}" "${torch_phases[@]}" | tee -a "$LOG"
 done
 
 if [ "$SCALE" = 1 ]; then

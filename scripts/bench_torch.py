@@ -3,13 +3,15 @@ JSON line per run.
 
     python scripts/bench_torch.py forward|sft|dpo|dpo-inline|sepo [--reps 3]
         [--model small|tinyllama] [--batch 8] [--seq 256] [--data tokens.parquet]
-        [--device cpu|cuda] [--bf16]
+        [--device cpu|cuda] [--bf16] [--phases]
 
 dpo uses precomputed reference sums (like sepo's cached reference log-probs); dpo-inline runs a
 reference forward each step, as TRL does without precompute_ref_log_probs. `--bf16` runs the
 forward and the loss under torch.autocast(bfloat16) with f32 weights and an f32 AdamW (what mixed
 precision training does); log-softmax runs in f32 as autocast decides. `--data` takes real token
-rows by examples/bench.rs's rule (see `real_rows`).
+rows by examples/bench.rs's rule (see `real_rows`). `--phases` waits for the device after each
+phase of a training step and adds each one's mean to the JSON (`phases_ms`), as sepo's
+`SEPO_STEP_PHASES=1` does.
 """
 import json
 import resource
@@ -27,6 +29,10 @@ CONFIGS = {
     "tinyllama": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048,
                       rms_norm_eps=1e-5),
+    # TinyLlama's depth and head layout with almost no arithmetic: the host's cost per step.
+    "overhead": dict(vocab_size=512, hidden_size=64, num_hidden_layers=22, num_attention_heads=8,
+                     num_key_value_heads=1, intermediate_size=176, max_position_embeddings=2048,
+                     rms_norm_eps=1e-5),
 }
 
 
@@ -34,15 +40,18 @@ def arg(name, default, cast=str):
     return cast(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
 
 
-def ids(n, salt):
+def ids(n, salt, vocab=32000):
     g = torch.Generator().manual_seed(salt)
-    return torch.randint(0, 32000, (n,), generator=g)
+    return torch.randint(0, vocab, (n,), generator=g)
 
 
 def model(name, seed, device):
     torch.manual_seed(seed)
     cfg = LlamaConfig(**CONFIGS[name])
-    return LlamaForCausalLM(cfg).float().to(device)
+    # Built on the device itself: initializing 1.1B parameters on the host first took about 25 s
+    # of each GPU run (bench/gpu.sh's 5-minute budget), for weights whose values do not matter here.
+    with device:
+        return LlamaForCausalLM(cfg).float()
 
 
 def real_rows(path, batch, seq):
@@ -72,6 +81,21 @@ def main():
     data = arg("--data", None)
     device = torch.device(arg("--device", "cpu"))
     bf16 = "--bf16" in sys.argv
+    # --phases: wait for the device after forward, backward, clipping and the optimizer, and
+    # report each one's mean (sepo's SEPO_STEP_PHASES=1 does the same in its training loop).
+    phases = "--phases" in sys.argv
+    spent = {k: 0.0 for k in ("forward", "backward", "clip", "optimizer")}
+    mark_at = [0.0]
+
+    def mark(name=None):
+        if not phases:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if name:
+            spent[name] += now - mark_at[0]
+        mark_at[0] = now
     torch.set_num_threads(torch.get_num_threads())
     m = model(name, 0, device)
     params = sum(p.numel() for p in m.parameters())
@@ -82,8 +106,9 @@ def main():
         prompt_lens = [r[2] for r in rows]
     else:
         p = seq // 4
-        chosen = torch.stack([torch.cat([ids(p, i), ids(seq - p, 100 + i)]) for i in range(batch)])
-        rejected = torch.stack([torch.cat([ids(p, i), ids(seq - p, 200 + i)]) for i in range(batch)])
+        v = CONFIGS[name]["vocab_size"]
+        chosen = torch.stack([torch.cat([ids(p, i, v), ids(seq - p, 100 + i, v)]) for i in range(batch)])
+        rejected = torch.stack([torch.cat([ids(p, i, v), ids(seq - p, 200 + i, v)]) for i in range(batch)])
         prompt_lens = [p] * batch
     chosen, rejected = chosen.to(device), rejected.to(device)
     # 1.0 on each row's response positions (the tokens after its prompt), as sepo's loss sees them.
@@ -119,6 +144,7 @@ def main():
         ref = model(name, 1, device).eval() if mode == "dpo-inline" else None
         def step():
             opt.zero_grad()
+            mark()
             if mode == "sft":
                 lp, r = response_logps(m, chosen)
                 loss = -lp.sum() / r.sum()
@@ -138,14 +164,21 @@ def main():
                         rc = torch.full((batch,), -100.0, device=device)
                         rr = torch.full((batch,), -110.0, device=device)
                     loss = -F.logsigmoid(0.1 * ((lc.sum(-1) - rc) - (lr.sum(-1) - rr))).mean()
+            if phases:
+                loss.item()  # where sepo's loop reads its loss (a device wait): before the backward
+            mark("forward")
             loss.backward()
+            mark("backward")
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            mark("clip")
             opt.step()
+            mark("optimizer")
             loss.item()
         tokens = batch * seq if mode == "sft" else 2 * batch * seq
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step()  # warm-up
+    spent.update((k, 0.0) for k in spent)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -163,6 +196,8 @@ def main():
            "tokens_per_s": round(tokens / secs, 1),
            "model_flops_per_s": (2.0 if mode == "forward" else 6.0) * params * tokens / secs,
            "peak_rss_mb": round(rss, 1)}
+    if phases and mode != "forward":
+        out["phases_ms"] = {k: round(1e3 * v / reps, 2) for k, v in spent.items()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     print(json.dumps(out))

@@ -7,6 +7,7 @@
 
 pub mod objectives;
 pub mod optim;
+pub mod phases;
 pub mod rows;
 pub mod schedule;
 pub mod trainer;

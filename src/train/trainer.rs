@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::objectives::{self, PairLoss};
 use super::optim::{AdamW, AdamWConfig, ParamGrads, load_module, save_module};
+use super::phases::Phases;
 use super::schedule::lr_at;
 use crate::model::{CausalLm, RewardModel};
 use crate::progress::Progress;
@@ -262,6 +263,7 @@ pub fn train<M: Trainable>(
     let bar = progress.bar(label, total_steps, "steps");
     bar.inc(start_step);
     let t0 = Instant::now();
+    let mut phases = Phases::from_env(device);
     let mut step = 0u64;
     'epochs: for epoch in 0..spec.epochs {
         let batches = epoch_batches(&lengths, spec, epoch);
@@ -284,6 +286,7 @@ pub fn train<M: Trainable>(
                 ..Default::default()
             };
             let mut pair_sums = PairSums::default();
+            phases.start();
             for micro in group {
                 let batch: Vec<&Example> = micro.iter().map(|&i| &examples[i]).collect();
                 let weight = if spec.objective.is_pairwise() {
@@ -298,7 +301,9 @@ pub fn train<M: Trainable>(
                 if let Some(pl) = &out.pair {
                     pair_sums.add(out.logps, &pl.metrics(), weight);
                 }
+                phases.mark(0);
                 grads.accumulate(&model, &mut loss.backward());
+                phases.mark(1);
             }
             if spec.objective.is_pairwise() {
                 pair_sums.write_to(&mut m);
@@ -308,7 +313,9 @@ pub fn train<M: Trainable>(
             } else {
                 0.0
             });
+            phases.mark(2);
             model = opt.step(lr, model, grads);
+            phases.mark(3);
             m.epoch = step as f64 / steps_per_epoch as f64;
             m.elapsed_s = elapsed_before + t0.elapsed().as_secs_f64();
             bar.inc(1);
@@ -333,6 +340,10 @@ pub fn train<M: Trainable>(
         }
     }
     let secs = bar.finish();
+    if let Some(summary) = phases.summary() {
+        // On stderr even when quiet: asked for by the environment, read by bench/gpu.sh.
+        eprintln!("         {label}: {summary}");
+    }
     let tokens: u64 = metrics
         .iter()
         .skip(start_step as usize)
