@@ -213,14 +213,14 @@ fn main() -> anyhow::Result<()> {
             .transpose()?;
         let progress = sepo::progress::Progress::new(true);
         let ckpt = std::env::temp_dir().join(format!("sepo-bench-{}", std::process::id()));
-        // One warm-up step, then `reps` measured steps (one step per epoch of 8 pairs).
-        let mut model = Some(model);
-        let mut times = Vec::new();
-        for _ in 0..=reps {
-            let t0 = Instant::now();
-            let mut ex = examples.clone();
-            if let Some(r) = &reference {
-                // DPO as TRL runs it without precomputed reference log-probs: a reference forward per step.
+        let times: Vec<f64> = if let Some(r) = &reference {
+            // DPO as TRL runs it without precomputed reference log-probs: a reference forward
+            // before each step, so one `train` call per step (one warm-up, then `reps`).
+            let mut model = Some(model);
+            let mut times = Vec::new();
+            for _ in 0..=reps {
+                let t0 = Instant::now();
+                let mut ex = examples.clone();
                 let pairs: Vec<(Vec<u32>, Vec<u32>)> = ex
                     .iter()
                     .flat_map(|e| {
@@ -235,30 +235,42 @@ fn main() -> anyhow::Result<()> {
                     e.ref_chosen = lp[2 * i].iter().sum();
                     e.ref_rejected = lp[2 * i + 1].iter().sum();
                 }
+                let one = TrainSpec {
+                    epochs: 1,
+                    ..spec.clone()
+                };
+                let (m, _) = trainer::train(
+                    model.take().expect("model"),
+                    &ex,
+                    &one,
+                    &ckpt,
+                    &ad,
+                    &progress,
+                    "bench",
+                )?;
+                model = Some(m);
+                times.push(t0.elapsed().as_secs_f64());
             }
-            let one = TrainSpec {
-                epochs: 1,
-                ..spec.clone()
-            };
-            let (m, _) = trainer::train(
-                model.take().expect("model"),
-                &ex,
-                &one,
-                &ckpt,
-                &ad,
-                &progress,
-                "bench",
-            )?;
-            model = Some(m);
-            times.push(t0.elapsed().as_secs_f64());
-        }
+            times[1..].to_vec()
+        } else {
+            // One `train` call of 1 + reps steps (one step per epoch of the batch), as a stage
+            // trains: the optimizer state carries over. Each step's end is stamped after its
+            // optimizer update is issued; the next step's loss read waits for it, so the
+            // differences of the stamps after the warm-up step are whole steps.
+            let (_, metrics) =
+                trainer::train(model, &examples, &spec, &ckpt, &ad, &progress, "bench")?;
+            metrics
+                .windows(2)
+                .map(|w| w[1].elapsed_s - w[0].elapsed_s)
+                .collect()
+        };
         let pairs_tokens = if objective == Objective::Sft {
             batch * seq
         } else {
             2 * batch * seq
         };
         (
-            times[1..].iter().sum::<f64>() / reps as f64,
+            times.iter().sum::<f64>() / times.len() as f64,
             pairs_tokens,
             params,
         )
