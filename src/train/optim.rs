@@ -574,7 +574,8 @@ impl ModuleMapper for AdamWMapper<'_> {
     }
 }
 
-/// One torch AdamW update of a flattened parameter (see [`AdamW`]).
+/// One torch AdamW update of a flattened parameter (see [`AdamW`]); the element-wise work is
+/// one backend operation ([`update`]: torch's in-place kernels on LibTorch).
 fn adamw_update(
     c: &AdamWConfig,
     lr: f64,
@@ -588,27 +589,16 @@ fn adamw_update(
         DecayScope::All => true,
         DecayScope::MatricesOnly => rank >= 2,
     };
-    let p = if c.weight_decay != 0.0 && decays {
-        p.mul_scalar(1.0 - lr * c.weight_decay)
-    } else {
-        p
-    };
-    // lerp with a weight below 0.5: self + w * (end - self)
-    let exp_avg = s.exp_avg.clone() + (g.clone() - s.exp_avg).mul_scalar(1.0 - c.beta1);
-    // mul_(beta2).addcmul_(g, g, value=1-beta2): v*b2 + ((1-b2)*g)*g
-    let exp_avg_sq = s.exp_avg_sq.mul_scalar(c.beta2) + g.clone().mul_scalar(1.0 - c.beta2).mul(g);
     let t = step as f64;
-    let bias_correction1 = 1.0 - c.beta1.powf(t);
-    let bias_correction2 = 1.0 - c.beta2.powf(t);
-    let step_size = lr / bias_correction1;
-    let bias_correction2_sqrt = bias_correction2.powf(0.5);
-    let denom = exp_avg_sq
-        .clone()
-        .sqrt()
-        .div_scalar(bias_correction2_sqrt)
-        .add_scalar(c.eps);
-    // addcdiv_(exp_avg, denom, value=-step_size): p + (-step_size * m) / denom
-    let p = p + exp_avg.clone().mul_scalar(-step_size).div(denom);
+    let coefs = update::Coefs {
+        decay: (c.weight_decay != 0.0 && decays).then_some(1.0 - lr * c.weight_decay),
+        beta1: c.beta1,
+        beta2: c.beta2,
+        step_size: lr / (1.0 - c.beta1.powf(t)),
+        bias_correction2_sqrt: (1.0 - c.beta2.powf(t)).powf(0.5),
+        eps: c.eps,
+    };
+    let (p, exp_avg, exp_avg_sq) = update::adamw_update(p, g, s.exp_avg, s.exp_avg_sq, coefs);
     (
         p,
         AdamState {
@@ -642,6 +632,8 @@ pub fn load_module<M: Module>(module: M, path: impl AsRef<Path>) -> Result<M> {
         .try_load_file(path)
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))
 }
+
+mod update;
 
 #[cfg(test)]
 mod tests;
