@@ -34,27 +34,17 @@ pub fn causal_attention_backward(
     lse: &[f32],
     shape: AttentionShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let AttentionShape {
-        batch,
-        heads,
-        kv_heads,
-        seq,
-        past,
-        head_dim,
-    } = shape;
-    assert_eq!(past, 0, "the backward pass takes no cache");
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads),
-        "heads {heads} is not a multiple of kv_heads {kv_heads}"
+    assert_eq!(shape.past, 0, "the backward pass takes no cache");
+    shape.check(
+        &[("q", q.len()), ("out", out.len()), ("dout", dout.len())],
+        k.len(),
+        v.len(),
     );
-    let n = batch * heads * seq * head_dim;
-    for (name, len) in [("q", q.len()), ("out", out.len()), ("dout", dout.len())] {
-        assert_eq!(len, n, "{name} length");
-    }
-    assert_eq!(lse.len(), batch * heads * seq, "lse length");
-    let kv_len = batch * kv_heads * seq * head_dim;
-    assert_eq!(k.len(), kv_len, "key length");
-    assert_eq!(v.len(), kv_len, "value length");
+    assert_eq!(
+        lse.len(),
+        shape.batch * shape.heads * shape.seq,
+        "lse length"
+    );
     let inputs = Inputs {
         q,
         k,
@@ -64,7 +54,7 @@ pub fn causal_attention_backward(
         lse,
         shape,
     };
-    match head_dim {
+    match shape.head_dim {
         8 => run::<8>(inputs),
         16 => run::<16>(inputs),
         32 => run::<32>(inputs),

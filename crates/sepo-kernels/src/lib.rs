@@ -53,6 +53,32 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+impl AttentionShape {
+    /// Panics unless `heads` is a multiple of `kv_heads` and the query-shaped slices (queries,
+    /// and the backward's output and its gradient) and key/value slices have this shape's
+    /// lengths: the checks both kernel entry points make before indexing.
+    fn check(&self, query_like: &[(&str, usize)], k: usize, v: usize) {
+        let AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            past,
+            head_dim,
+        } = *self;
+        assert!(
+            kv_heads > 0 && heads.is_multiple_of(kv_heads),
+            "heads {heads} is not a multiple of kv_heads {kv_heads}"
+        );
+        for &(name, len) in query_like {
+            assert_eq!(len, batch * heads * seq * head_dim, "{name} length");
+        }
+        let kv_len = batch * kv_heads * (past + seq) * head_dim;
+        assert_eq!(k, kv_len, "key length");
+        assert_eq!(v, kv_len, "value length");
+    }
+}
+
 /// Whether [`causal_attention`] handles heads `head_dim` wide: each supported width is its own
 /// compiled kernel, so that a query's accumulators are registers.
 pub fn supports(head_dim: usize) -> bool {
@@ -99,23 +125,8 @@ pub fn causal_attention_lse(
     v: &[f32],
     shape: AttentionShape,
 ) -> (Vec<f32>, Vec<f32>) {
-    let AttentionShape {
-        batch,
-        heads,
-        kv_heads,
-        seq,
-        past,
-        head_dim,
-    } = shape;
-    assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads),
-        "heads {heads} is not a multiple of kv_heads {kv_heads}"
-    );
-    assert_eq!(q.len(), batch * heads * seq * head_dim, "query length");
-    let kv_len = batch * kv_heads * (past + seq) * head_dim;
-    assert_eq!(k.len(), kv_len, "key length");
-    assert_eq!(v.len(), kv_len, "value length");
-    match head_dim {
+    shape.check(&[("query", q.len())], k.len(), v.len());
+    match shape.head_dim {
         8 => run::<8>(q, k, v, shape),
         16 => run::<16>(q, k, v, shape),
         32 => run::<32>(q, k, v, shape),
