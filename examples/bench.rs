@@ -6,7 +6,7 @@
 //!
 //! Run one measurement per process so peak RSS is its own:
 //!   cargo run --example bench -- forward|sft|dpo|dpo-inline|sepo [--device flex|tch-cpu|tch-cuda:0|...]
-//!       [--model small|tinyllama] [--batch 8] [--seq 256] [--data tokens.parquet] [--reps 3]
+//!       [--model small|tinyllama|overhead|stories] [--batch 8] [--seq 256] [--data tokens.parquet] [--reps 3]
 //!       [--precision f32|bf16|f16]   (mixed precision: f32 master weights, as `train`'s)
 //! `scripts/bench.sh` runs them all on CPU, and PyTorch on the same machine, and prints a table;
 //! `bench/gpu.sh` does the same on a GPU machine (f32 and bf16 PyTorch beside sepo).
@@ -37,7 +37,13 @@ fn config(model: &str) -> anyhow::Result<ModelConfig> {
             "num_hidden_layers": 22, "num_attention_heads": 8, "num_key_value_heads": 1,
             "intermediate_size": 176, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
         }),
-        other => anyhow::bail!("unknown model {other} (small | tinyllama | overhead)"),
+        // stories260K's shape (models/stories260K/config.json), the main job's model.
+        "stories" => serde_json::json!({
+            "architecture": "llama", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 5,
+            "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 172,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+        }),
+        other => anyhow::bail!("unknown model {other} (small | tinyllama | overhead | stories)"),
     };
     Ok(serde_json::from_value(v)?)
 }

@@ -33,6 +33,10 @@ CONFIGS = {
     "overhead": dict(vocab_size=512, hidden_size=64, num_hidden_layers=22, num_attention_heads=8,
                      num_key_value_heads=1, intermediate_size=176, max_position_embeddings=2048,
                      rms_norm_eps=1e-5),
+    # stories260K's shape, the main job's model (tied embeddings as in its config.json).
+    "stories": dict(vocab_size=512, hidden_size=64, num_hidden_layers=5, num_attention_heads=8,
+                    num_key_value_heads=4, intermediate_size=172, max_position_embeddings=512,
+                    rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 
 
