@@ -10,6 +10,7 @@ pub mod attention;
 pub mod config;
 pub mod generate;
 pub mod layout;
+pub mod log_softmax;
 pub mod precision;
 pub mod reward;
 pub mod rope;
@@ -31,6 +32,7 @@ pub use arch::Architecture;
 pub use config::{ModelConfig, TokenIds};
 pub use generate::{GenerateOptions, Sampler};
 pub use layout::{Layout, VarPath};
+pub use log_softmax::gather_logprobs;
 pub use precision::Precision;
 pub use reward::{RewardModel, ScoreBatch, is_reward_model};
 pub use rope::RopeScaling;
@@ -393,14 +395,4 @@ fn write_folder_with(
     let path = dir.join(CONFIG_FILE);
     std::fs::write(&path, cfg).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
-}
-
-/// `log_softmax(logits)[b, t, targets[b, t]]`, computed as
-/// `(x_target - max) - log(sum(exp(x - max)))` in the logits' precision (f32).
-pub fn gather_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
-    let max = logits.clone().detach().max_dim(2); // [b, s, 1]
-    let shifted = logits - max; // [b, s, v]
-    let lse = shifted.clone().exp().sum_dim(2).log(); // [b, s, 1]
-    let picked = shifted.gather(2, targets.unsqueeze_dim::<3>(2)); // [b, s, 1]
-    (picked - lse).squeeze_dim::<2>(2)
 }

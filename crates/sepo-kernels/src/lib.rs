@@ -20,14 +20,19 @@
 //! horizontal work until a query's last tile. The exponential is a degree-6 polynomial for `2^x`
 //! (Cephes' `exp2f`, within 2 ulp), on scores pre-scaled by `log2(e)`.
 //!
+//! [`gather_logprobs`] and its gradient: the log-softmax of each row of logits at one target
+//! column, a row at a time in cache, with the same exponential (see [`logprobs`]).
+//!
 //! macerator, rayon, bytemuck and aligned-vec are already compiled for burn-flex, at these
 //! versions and features: this crate adds no dependency to the build.
 
 #![forbid(unsafe_code)]
 
 pub mod backward;
+pub mod logprobs;
 
 pub use backward::causal_attention_backward;
+pub use logprobs::{gather_logprobs, gather_logprobs_backward};
 
 use aligned_vec::{AVec, ConstAlign};
 use bytemuck::Zeroable;
