@@ -511,27 +511,16 @@ impl Stream {
 /// arithmetic, in the same order, as drawing `u1 = 1 - rng.random::<f64>()` and
 /// `u2 = rng.random::<f64>()` (`(x >> 11) * 2^-53`) from the `StdRng`.
 fn fill_normal(stream: &mut Stream, first: u64, out: &mut [f32], std: f32) {
-    const SCALE: f64 = 1.0 / ((1u64 << 53) as f64);
     let n = out.len();
     let (mut i, mut p) = (0, first);
     while i < n {
         let w = stream.buffer(p / PAIRS_PER_BUFFER);
-        let mut k = (4 * (p % PAIRS_PER_BUFFER)) as usize;
-        while k < 64 && i < n {
-            let a = (u64::from(w[k + 1]) << 32) | u64::from(w[k]);
-            let b = (u64::from(w[k + 3]) << 32) | u64::from(w[k + 2]);
-            let u1 = 1.0 - SCALE * ((a >> 11) as f64);
-            let u2 = SCALE * ((b >> 11) as f64);
-            let r = (-2.0 * u1.ln()).sqrt();
-            let t = 2.0 * std::f64::consts::PI * u2;
-            out[i] = (r * t.cos()) as f32 * std;
-            if i + 1 < n {
-                out[i + 1] = (r * t.sin()) as f32 * std;
-            }
-            i += 2;
-            k += 4;
-            p += 1;
-        }
+        let at = p % PAIRS_PER_BUFFER;
+        let pairs = (PAIRS_PER_BUFFER - at).min((n - i).div_ceil(2) as u64);
+        let end = (i + 2 * pairs as usize).min(n);
+        sepo_kernels::box_muller(&w[4 * at as usize..], std, &mut out[i..end]);
+        i = end;
+        p += pairs;
     }
 }
 

@@ -23,6 +23,8 @@
 //! [`gather_logprobs`] and its gradient: the log-softmax of each row of logits at one target
 //! column, a row at a time in cache, with the same exponential (see [`logprobs`]).
 //!
+//! [`box_muller`]: the normal draws of fresh weights (scalar, exact; here to be optimized).
+//!
 //! macerator, rayon, bytemuck and aligned-vec are already compiled for burn-flex, at these
 //! versions and features: this crate adds no dependency to the build.
 
@@ -30,9 +32,11 @@
 
 pub mod backward;
 pub mod logprobs;
+pub mod normal;
 
 pub use backward::causal_attention_backward;
 pub use logprobs::{gather_logprobs, gather_logprobs_backward};
+pub use normal::box_muller;
 
 use aligned_vec::{AVec, ConstAlign};
 use bytemuck::Zeroable;
