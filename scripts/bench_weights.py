@@ -21,7 +21,7 @@ try:
     import blake3  # type: ignore
 
     HASH = "blake3"
-except ImportError:  # not installable offline here
+except ImportError:  # `pip install blake3` (PyPI)
     blake3 = None
     HASH = "blake2b"
 
