@@ -104,20 +104,30 @@ impl WithSimd for RowLse<'_> {
     // Inlined into macerator's function for the detected instruction set.
     #[inline(always)]
     fn with_simd<S: Simd>(self) -> f32 {
-        let (head, body, tail) = f32::align_to::<S>(self.0);
-        let scalars = || head.iter().chain(tail);
+        // Vectors from the row's start, whatever its address (copied in: one unaligned load
+        // once optimized), so that the sum's order, and so its rounding, depends only on the
+        // row: `align_to` would move the split with the allocation, and the same training run
+        // would not give the same bytes twice.
+        let w = f32::lanes::<S>();
+        let n = self.0.len() / w * w;
+        let (body, tail) = self.0.split_at(n);
+        let load = |x: &[f32]| {
+            let mut v = [Vector::<S, f32>::zeroed()];
+            bytemuck::cast_slice_mut::<Vector<S, f32>, f32>(&mut v).copy_from_slice(x);
+            v[0]
+        };
         // Two accumulators, so that the loop is not one dependency chain.
         let (mut m0, mut m1) = (
             f32::NEG_INFINITY.splat::<S>(),
             f32::NEG_INFINITY.splat::<S>(),
         );
-        for pair in body.chunks(2) {
-            m0 = m0.max(pair[0]);
-            if let Some(&v) = pair.get(1) {
-                m1 = m1.max(v);
+        for pair in body.chunks(2 * w) {
+            m0 = m0.max(load(&pair[..w]));
+            if pair.len() == 2 * w {
+                m1 = m1.max(load(&pair[w..]));
             }
         }
-        let max = scalars().fold(m0.max(m1).reduce_max(), |m, &x| m.max(x));
+        let max = tail.iter().fold(m0.max(m1).reduce_max(), |m, &x| m.max(x));
         if !max.is_finite() {
             // All -inf, or an infinity in the row: log-softmax is NaN, as the definition's
             // `x - max` makes it (a NaN anywhere does so below).
@@ -127,13 +137,15 @@ impl WithSimd for RowLse<'_> {
         let l2e = std::f32::consts::LOG2_E;
         let (lv, mv) = (l2e.splat::<S>(), (-max * l2e).splat::<S>());
         let (mut s0, mut s1) = (0f32.splat::<S>(), 0f32.splat::<S>());
-        for pair in body.chunks(2) {
-            s0 += exp2::<S>(pair[0].mul_add(lv, mv));
-            if let Some(&v) = pair.get(1) {
-                s1 += exp2::<S>(v.mul_add(lv, mv));
+        for pair in body.chunks(2 * w) {
+            s0 += exp2::<S>(load(&pair[..w]).mul_add(lv, mv));
+            if pair.len() == 2 * w {
+                s1 += exp2::<S>(load(&pair[w..]).mul_add(lv, mv));
             }
         }
-        let sum = scalars().fold((s0 + s1).reduce_add(), |s, &x| s + ((x - max) * l2e).exp2());
+        let sum = tail
+            .iter()
+            .fold((s0 + s1).reduce_add(), |s, &x| s + ((x - max) * l2e).exp2());
         max + sum.ln()
     }
 }
@@ -242,6 +254,30 @@ mod tests {
                     (*a as f64 - b).abs() < 2e-6,
                     "{rows}x{vocab} grad: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    /// The same row gives the same bits wherever it sits in memory: a training run must write
+    /// the same weights whatever the allocator does (tests/gradient_checkpointing.rs caught
+    /// a sum split at the row's first aligned vector).
+    #[test]
+    fn results_do_not_depend_on_the_address() {
+        let vocab = 1000;
+        let x = random(vocab, 5, 20.0);
+        let mut buf = vec![0f32; vocab + 32];
+        let mut seen = None;
+        for offset in 0..17 {
+            buf[offset..offset + vocab].copy_from_slice(&x);
+            let row = &buf[offset..offset + vocab];
+            let lp = gather_logprobs(row, vocab, &[3])[0].to_bits();
+            let grad: Vec<u32> = gather_logprobs_backward(row, vocab, &[3], &[0.5])
+                .iter()
+                .map(|g| g.to_bits())
+                .collect();
+            match &seen {
+                None => seen = Some((lp, grad)),
+                Some(first) => assert!(*first == (lp, grad), "offset {offset}"),
             }
         }
     }
