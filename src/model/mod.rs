@@ -16,6 +16,7 @@ pub mod reward;
 pub mod rope;
 pub mod safetensors_io;
 pub mod size;
+pub mod swiglu;
 pub mod transformer;
 pub mod weights;
 

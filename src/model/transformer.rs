@@ -277,7 +277,13 @@ impl Decoder {
         let sp = &self.spec;
         let dt = sp.precision.compute_dtype();
         let h = blk.mlp_in.forward_as(x, dt);
-        let h = if sp.gated {
+        // SwiGLU in f32: one operation with its own backward (super::swiglu).
+        let fused = (sp.gated && sp.act == Activation::Silu)
+            .then(|| super::swiglu::swiglu(&h))
+            .flatten();
+        let h = if let Some(out) = fused {
+            out
+        } else if sp.gated {
             let i = sp.intermediate;
             let gate = h.clone().slice_dim(2, 0..i);
             let up = h.slice_dim(2, i..2 * i);

@@ -23,6 +23,9 @@
 //! [`gather_logprobs`] and its gradient: the log-softmax of each row of logits at one target
 //! column, a row at a time in cache, with the same exponential (see [`logprobs`]).
 //!
+//! [`swiglu`] and its gradient: the gated MLP's `silu(gate) * up` straight from the fused
+//! projection, one pass with the same exponential (see [`swiglu`](mod@swiglu)).
+//!
 //! [`box_muller`]: the normal draws of fresh weights (scalar, exact; here to be optimized).
 //!
 //! macerator, rayon, bytemuck and aligned-vec are already compiled for burn-flex, at these
@@ -33,10 +36,12 @@
 pub mod backward;
 pub mod logprobs;
 pub mod normal;
+pub mod swiglu;
 
 pub use backward::causal_attention_backward;
 pub use logprobs::{gather_logprobs, gather_logprobs_backward};
 pub use normal::box_muller;
+pub use swiglu::{swiglu, swiglu_backward};
 
 use aligned_vec::{AVec, ConstAlign};
 use bytemuck::Zeroable;
