@@ -230,15 +230,7 @@ mod tests {
     use burn::backend::Dispatch;
 
     use super::{composed, composed_backward, gather_logprobs};
-
-    fn max_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
-        let a = a.try_into_vec_as::<f32>().unwrap();
-        let b = b.try_into_vec_as::<f32>().unwrap();
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    use crate::model::tests::max_diff;
 
     /// The composed ops on burn tensors, as `gather_logprobs` was written before the extension.
     fn reference(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
@@ -294,7 +286,7 @@ mod tests {
             // Without autodiff: the same forward, and the composed ops of the inner backend.
             let plain = gather_logprobs(logits.clone().inner(), targets.clone().inner());
             let direct = reference(logits.clone().inner(), targets.clone().inner());
-            assert!(max_diff(plain.unsqueeze_dim(2), direct.unsqueeze_dim(2)) < 2e-5 * amp);
+            assert!(max_diff::<2>(plain, direct) < 2e-5 * amp);
             // The fallback (a CPU without AVX2 + FMA) on the inner backend: the same values and
             // the same gradient as the reference's autodiff.
             let (x, t) = (logits.clone().inner(), targets.clone().inner());

@@ -159,15 +159,7 @@ mod tests {
     use burn::tensor::{Tensor, TensorData};
 
     use super::swiglu;
-
-    fn max_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
-        let a = a.try_into_vec_as::<f32>().unwrap();
-        let b = b.try_into_vec_as::<f32>().unwrap();
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    use crate::model::tests::max_diff;
 
     /// Values and gradients equal the composed ops that `Decoder::mlp` used before (to f32
     /// rounding) on the build's default CPU device (flex, or tch-cpu with `--features tch`), with

@@ -8,6 +8,17 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::*;
 
+/// The largest absolute difference between two f32 tensors of the same shape (the backend
+/// extensions' tests compare their operation with burn's composed ops).
+pub(crate) fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    let a = a.try_into_vec_as::<f32>().unwrap();
+    let b = b.try_into_vec_as::<f32>().unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// The repository root: `$SEPO_REPO_ROOT`, else the first ancestor of this crate's manifest
 /// folder (or of this source file) that has `models/` or `tests/fixtures/`.
 pub(crate) fn repo_root() -> PathBuf {

@@ -508,8 +508,8 @@ mod tests {
         out
     }
 
-    /// Deterministic values in `[-amp, amp]` (xorshift).
-    fn random(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    /// Deterministic values in `[-amp, amp]` (xorshift), for every kernel's tests.
+    pub(crate) fn random(n: usize, seed: u64, amp: f32) -> Vec<f32> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {

@@ -154,18 +154,7 @@ impl WithSimd for Row<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-            })
-            .collect()
-    }
+    use crate::tests::random;
 
     /// Matches the definition in f64 (values and gradients), for widths that fill no vector,
     /// leave a remainder, or are a model's, and for large inputs (both sigmoid branches, and

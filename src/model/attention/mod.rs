@@ -329,15 +329,7 @@ mod tests {
     use burn::tensor::{Tensor, TensorData};
 
     use super::causal_attention;
-
-    fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
-        let a = a.try_into_vec_as::<f32>().unwrap();
-        let b = b.try_into_vec_as::<f32>().unwrap();
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    use crate::model::tests::max_diff;
 
     /// Values and gradients equal burn's decomposed causal attention (to f32 rounding), on the
     /// default CPU device of the build (flex, or tch-cpu with `--features tch`), plain and
