@@ -1,8 +1,9 @@
 //! Throughput benchmark (not a test): forward log-probs and SFT / DPO / SePO training steps.
 //! Default: a 4-layer, 256-wide Llama with the Llama-2 vocabulary (32000), batch 8 x 256 tokens
 //! of seeded random ids. `--model tinyllama` is the TinyLlama-1.1B shape (22 layers, 2048 wide,
-//! 32/4 heads); `--model overhead` its depth at 64 wide (host overhead per step); `--batch`, `--seq` set the shape; `--data tokens.parquet` takes real token rows
-//! (see [`real_rows`]) instead of random ids.
+//! 32/4 heads); `--model overhead` its depth at 64 wide (host overhead per step); `--model
+//! stories` the main job's stories260K shape. `--batch`, `--seq` set the shape; `--data
+//! tokens.parquet` takes real token rows (see [`real_rows`]) instead of random ids.
 //!
 //! Run one measurement per process so peak RSS is its own:
 //!   cargo run --example bench -- forward|sft|dpo|dpo-inline|sepo [--device flex|tch-cpu|tch-cuda:0|...]

@@ -230,7 +230,7 @@ mod tests {
     use burn::backend::Dispatch;
 
     use super::{composed, composed_backward, gather_logprobs};
-    use crate::model::tests::max_diff;
+    use crate::model::tests::{max_diff, uniform};
 
     /// The composed ops on burn tensors, as `gather_logprobs` was written before the extension.
     fn reference(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
@@ -254,18 +254,10 @@ mod tests {
             (1, 1, 1, 1.0),
         ] {
             let ad = base.clone().autodiff();
-            let rand = |seed: u64, n: usize| {
-                use rand::{Rng, SeedableRng};
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                (0..n)
-                    .map(|_| rng.random_range(-amp..amp))
-                    .collect::<Vec<f32>>()
-            };
-            let logits =
-                Tensor::<3>::from_data(TensorData::new(rand(1, b * s * v), [b, s, v]), &ad);
+            let logits = uniform([b, s, v], 1, amp, &ad);
             let ids: Vec<i64> = (0..b * s).map(|i| (i * 7919 % v) as i64).collect();
             let targets = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &ad);
-            let w = Tensor::<2>::from_data(TensorData::new(rand(2, b * s), [b, s]), &ad);
+            let w = uniform([b, s], 2, amp, &ad);
             let run = |fused: bool| {
                 let x = logits.clone().require_grad();
                 let out = if fused {

@@ -155,11 +155,11 @@ impl<B: Backend + Swiglu, C: CheckpointStrategy> Swiglu for Autodiff<B, C> {
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::Tensor;
     use burn::tensor::activation::silu;
-    use burn::tensor::{Tensor, TensorData};
 
     use super::swiglu;
-    use crate::model::tests::max_diff;
+    use crate::model::tests::{max_diff, uniform};
 
     /// Values and gradients equal the composed ops that `Decoder::mlp` used before (to f32
     /// rounding) on the build's default CPU device (flex, or tch-cpu with `--features tch`), with
@@ -169,16 +169,8 @@ mod tests {
         let base = crate::device::parse_device("cpu").unwrap();
         for (b, s, i, amp) in [(2, 3, 5, 3.0), (1, 7, 172, 6.0), (2, 2, 688, 20.0)] {
             let ad = base.clone().autodiff();
-            let rand = |seed: u64, n: usize| {
-                use rand::{Rng, SeedableRng};
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                (0..n)
-                    .map(|_| rng.random_range(-amp..amp))
-                    .collect::<Vec<f32>>()
-            };
-            let h =
-                Tensor::<3>::from_data(TensorData::new(rand(1, b * s * 2 * i), [b, s, 2 * i]), &ad);
-            let w = Tensor::<3>::from_data(TensorData::new(rand(2, b * s * i), [b, s, i]), &ad);
+            let h = uniform([b, s, 2 * i], 1, amp, &ad);
+            let w = uniform([b, s, i], 2, amp, &ad);
             let run = |fused: bool| {
                 let x = h.clone().require_grad();
                 let out = if fused {

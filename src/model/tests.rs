@@ -19,6 +19,22 @@ pub(crate) fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A `shape` tensor of values drawn uniformly from `[-amp, amp)` by a `StdRng` seeded with
+/// `seed`, on `device` (the backend extensions' tests).
+pub(crate) fn uniform<const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    amp: f32,
+    device: &Device,
+) -> Tensor<D> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| rng.random_range(-amp..amp))
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
 /// The repository root: `$SEPO_REPO_ROOT`, else the first ancestor of this crate's manifest
 /// folder (or of this source file) that has `models/` or `tests/fixtures/`.
 pub(crate) fn repo_root() -> PathBuf {

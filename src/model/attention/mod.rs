@@ -324,12 +324,12 @@ impl<B: Backend + CausalAttention, C: CheckpointStrategy> CausalAttention for Au
 
 #[cfg(test)]
 mod tests {
+    use burn::tensor::Tensor;
     use burn::tensor::module::attention_fallback;
     use burn::tensor::ops::AttentionModuleOptions;
-    use burn::tensor::{Tensor, TensorData};
 
     use super::causal_attention;
-    use crate::model::tests::max_diff;
+    use crate::model::tests::{max_diff, uniform};
 
     /// Values and gradients equal burn's decomposed causal attention (to f32 rounding), on the
     /// default CPU device of the build (flex, or tch-cpu with `--features tch`), plain and
@@ -339,14 +339,7 @@ mod tests {
         let base = crate::device::parse_device("cpu").unwrap();
         for (b, h, s, d) in [(2, 3, 17, 8), (1, 2, 64, 16), (3, 1, 1, 4), (1, 4, 130, 32)] {
             let ad = base.clone().autodiff();
-            let rand = |seed: u64| {
-                use rand::{Rng, SeedableRng};
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                let v: Vec<f32> = (0..b * h * s * d)
-                    .map(|_| rng.random_range(-2.0f32..2.0))
-                    .collect();
-                Tensor::<4>::from_data(TensorData::new(v, [b, h, s, d]), &ad)
-            };
+            let rand = |seed: u64| uniform([b, h, s, d], seed, 2.0, &ad);
             let (q, k, v, w) = (rand(1), rand(2), rand(3), rand(4));
             let run = |fused: bool| {
                 let (q, k, v) = (
