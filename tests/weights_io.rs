@@ -228,3 +228,68 @@ stages:
         assert_eq!(back[n].data, t.data, "{n}");
     }
 }
+
+/// `init` on a fresh model: `ziggurat` is the default (the same stage spelled out or not) and
+/// draws what `sepo_kernels::fill_normal` defines (the embedding is the first tensor drawn);
+/// `box-muller` rebuilds what sepo drew before `init` existed, byte for byte and under the same
+/// hash (both pinned from that build); `init` with `from:` is a planning error.
+#[test]
+fn init_ziggurat_is_the_default_and_box_muller_rebuilds_the_old_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "{architecture: llama, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 24}";
+    let yaml = format!(
+        "seed: 3
+stages:
+  tok: {{kind: tokenizer, path: {tok}}}
+  z: {{kind: model, inputs: {{tokenizer: tok}}, config: {config}}}
+  z2: {{kind: model, inputs: {{tokenizer: tok}}, config: {config}, init: ziggurat}}
+  bm: {{kind: model, inputs: {{tokenizer: tok}}, config: {config}, init: box-muller}}
+",
+        tok = common::data("tests/fixtures/hf/tiny-llama/tokenizer.json"),
+    );
+    let p = pipeline(dir.path(), &yaml);
+    let hash = |stage: &str| {
+        common::status_json(&p, &[])
+            .into_iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap()["hash"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(hash("z"), hash("z2"), "ziggurat is the default");
+    assert_eq!(
+        hash("bm"),
+        "4de41e575f173a8a2b69",
+        "box-muller keeps the old hash"
+    );
+    let r = sepo(&["run", &p, "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let file = |stage: &str| artifact_dir(&p, stage).join("model/model.safetensors");
+    let old = blake3::hash(&std::fs::read(file("bm")).unwrap());
+    assert_eq!(
+        old.to_hex().as_str(),
+        "8edd34a28ec98c1234611d7532b626d3e7079fc9955252a4109dbd97ce86ee97",
+        "box-muller draws the old bytes"
+    );
+    let fresh = read_all_f32(&file("z")).unwrap();
+    let embed = &fresh["model.embed_tokens.weight"];
+    let mut want = vec![0f32; embed.data.len()];
+    sepo_kernels::fill_normal(3, 0, 0.02, &mut want);
+    assert_eq!(embed.data, want);
+
+    let bad = pipeline(
+        dir.path(),
+        &format!(
+            "stages:\n  m: {{kind: model, from: {}, init: ziggurat}}\n",
+            common::data("tests/fixtures/hf/tiny-llama")
+        ),
+    );
+    let r = sepo(&["status", &bad]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`init` draws a fresh model"),
+        "{}",
+        r.stderr
+    );
+}

@@ -39,6 +39,7 @@ pub use reward::{RewardModel, ScoreBatch, is_reward_model};
 pub use rope::RopeScaling;
 pub use safetensors_io::HostTensor;
 pub use transformer::{Decoder, KvCache};
+pub use weights::InitSampler;
 
 /// The Hugging Face model configuration file of a model folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -71,14 +72,24 @@ impl CausalLm {
     }
 
     /// A fresh model with weights drawn from `N(0, initializer_range)` by a generator seeded
-    /// with `seed` (norms one, biases zero); the same seed gives the same weights on every
-    /// backend.
+    /// with `seed` (norms one, biases zero; the default sampler, ziggurat); the same seed gives
+    /// the same weights on every backend.
     pub fn init(config: &ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        Self::init_with(config, device, seed, InitSampler::default())
+    }
+
+    /// [`CausalLm::init`] drawing with `sampler`.
+    pub fn init_with(
+        config: &ModelConfig,
+        device: &Device,
+        seed: u64,
+        sampler: InitSampler,
+    ) -> Result<Self> {
         let mut config = config.clone();
         config.validate()?;
         // A fresh model owes nothing to any source config.json.
         config.source.clear();
-        let decoder = weights::init(&config, device, seed)?;
+        let decoder = weights::init(&config, device, seed, sampler)?;
         Ok(CausalLm { decoder, config })
     }
 

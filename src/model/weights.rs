@@ -19,6 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha12Core;
 use rand_chacha::rand_core::block::BlockRngCore;
 use rayon::prelude::*;
+use schemars::JsonSchema;
 
 use super::config::ModelConfig;
 use super::layout::{Head, Layout, LinearLayout, NormLayout};
@@ -115,18 +116,35 @@ fn load_layout(
     Ok(built)
 }
 
-/// A fresh decoder with weights drawn from `N(0, initializer_range)` seeded by `seed` (norms
-/// one, biases zero), in the order of the layout.
-pub fn init(c: &ModelConfig, device: &Device, seed: u64) -> Result<Decoder> {
-    let mut init = Init::new(seed, c.initializer_range, device);
+/// How a fresh model's weights are drawn from `N(0, initializer_range)` (the `model` stage's
+/// `init`; see `sepo_kernels::normal`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitSampler {
+    /// rand_distr's ziggurat on a ChaCha12 stream per tensor and block of 65,536 weights (drawn
+    /// on all threads).
+    #[default]
+    Ziggurat,
+    /// sepo's first sampler: Box-Muller on one stream, rand's `StdRng`, through all tensors in
+    /// order (about five times slower).
+    BoxMuller,
+}
+
+/// A fresh decoder with weights drawn from `N(0, initializer_range)` by `sampler` seeded by
+/// `seed` (norms one, biases zero), in the order of the layout.
+pub fn init(c: &ModelConfig, device: &Device, seed: u64, sampler: InitSampler) -> Result<Decoder> {
+    let mut init = Init::new(seed, c.initializer_range, device, sampler);
     Ok(build(c, &Layout::new(c), &mut init)?.0)
 }
 
 /// A fresh reward-model score `[hidden, num_labels]`, drawn as transformers' `_init_weights`
 /// draws a linear (`N(0, initializer_range)`, no bias), seeded by `seed`, host-side (the same
-/// numbers on every backend).
+/// numbers on every backend; Box-Muller, as ever: a `reward` train stage's start did not move).
 pub fn init_score(c: &ModelConfig, num_labels: usize, device: &Device, seed: u64) -> Linear {
-    let w = Init::new(seed, c.initializer_range, device).normal(vec![num_labels, c.hidden_size]);
+    let w = Init::new(seed, c.initializer_range, device, InitSampler::BoxMuller)
+        .normal(vec![num_labels, c.hidden_size]);
     Linear::from_host(w.transpose2(), None, device)
 }
 
@@ -543,8 +561,12 @@ fn chunk_starts(pairs: u64, threads: usize) -> Vec<u64> {
 
 /// Seeded source of fresh weights (host-side, so every backend gets the same numbers).
 pub struct Init {
+    sampler: InitSampler,
+    seed: u64,
+    /// Tensors drawn so far (ziggurat: the next tensor's stream).
+    tensors: u32,
+    /// Box-Muller's one stream, and the pairs drawn from it so far.
     stream: Stream,
-    /// Pairs drawn so far.
     pos: u64,
     std: f32,
     device: Device,
@@ -552,8 +574,11 @@ pub struct Init {
 
 impl Init {
     /// A generator of `N(0, std)` weights seeded by `seed`, for parameters on `device`.
-    pub fn new(seed: u64, std: f64, device: &Device) -> Self {
+    pub fn new(seed: u64, std: f64, device: &Device, sampler: InitSampler) -> Self {
         Init {
+            sampler,
+            seed,
+            tensors: 0,
             stream: Stream::new(seed),
             pos: 0,
             std: std as f32,
@@ -561,11 +586,18 @@ impl Init {
         }
     }
 
-    /// Normal draws (Box-Muller) filling `shape`: those of a `StdRng` seeded as [`Init::new`]
-    /// says, consumed pair by pair from one tensor to the next; large tensors are drawn on all
-    /// threads.
+    /// Normal draws filling `shape`, the next tensor's. Ziggurat: `sepo_kernels::fill_normal`
+    /// with this tensor's index (the first is 0). Box-Muller: those of a `StdRng` seeded as
+    /// [`Init::new`] says, consumed pair by pair from one tensor to the next. Large tensors are
+    /// drawn on all threads either way.
     pub fn normal(&mut self, shape: Vec<usize>) -> HostTensor {
         let n: usize = shape.iter().product();
+        if self.sampler == InitSampler::Ziggurat {
+            let mut data = vec![0f32; n];
+            sepo_kernels::fill_normal(self.seed, self.tensors, self.std, &mut data);
+            self.tensors += 1;
+            return HostTensor::new(shape, data);
+        }
         let pairs = n.div_ceil(2) as u64;
         let mut data = vec![0f32; n];
         let threads = if pairs < 1 << 16 {
@@ -677,7 +709,7 @@ mod tests {
         // drawn in chunks on several threads.
         let shapes = [5, 0, 32, 1, 33, 300_001, 131_072, 7, 262_146];
         let want = reference(11, 0.02, &shapes);
-        let mut init = Init::new(11, 0.02, &device);
+        let mut init = Init::new(11, 0.02, &device, InitSampler::BoxMuller);
         for (n, want) in shapes.iter().zip(&want) {
             let got = init.normal(vec![*n]).data;
             let same = got
@@ -693,7 +725,7 @@ mod tests {
             .unwrap();
         let want = reference(3, 1.0, &[3, 400_003]);
         let got = pool.install(|| {
-            let mut init = Init::new(3, 1.0, &device);
+            let mut init = Init::new(3, 1.0, &device, InitSampler::BoxMuller);
             [init.normal(vec![3]).data, init.normal(vec![400_003]).data]
         });
         for (g, w) in got.iter().zip(&want) {

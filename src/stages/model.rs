@@ -17,7 +17,7 @@ use super::{
 };
 use crate::artifacts::{ModelDir, tokenizer_of};
 use crate::error::user;
-use crate::model::{Architecture, CausalLm, ModelConfig, Precision};
+use crate::model::{Architecture, CausalLm, InitSampler, ModelConfig, Precision};
 use crate::user_bail;
 
 pub static KIND: StageKind = StageKind {
@@ -58,6 +58,20 @@ pub struct ModelStageConfig {
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     #[schemars(extend("default" = "f32"))]
     pub dtype: Precision,
+    /// How a fresh model's weights are drawn from `N(0, initializer_range)`: `ziggurat` (default;
+    /// rand_distr's ziggurat on a ChaCha12 stream per tensor and block of 65,536 weights, on all
+    /// threads) or `box-muller` (sepo's first sampler, about five times slower: rebuilds a model
+    /// made before `init` existed bit for bit, under its old hash). Only with `config`.
+    // `box-muller` is left out of the canonical parameters (the hash it had before `init`); a
+    // `config:` stage without `init` gets `ziggurat` written in, so no stale artifact drawn by
+    // Box-Muller is taken for it.
+    #[serde(default, skip_serializing_if = "hashed_as_before_init")]
+    #[schemars(extend("default" = "ziggurat"))]
+    pub init: Option<InitSampler>,
+}
+
+fn hashed_as_before_init(init: &Option<InitSampler>) -> bool {
+    init.is_none_or(|s| s == InitSampler::BoxMuller)
 }
 
 struct ModelStage {
@@ -74,7 +88,12 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
         (None, None) => user_bail!(
             "give `from: <Hugging Face model folder>` or `config: {{architecture: llama, ...}}`"
         ),
-        (Some(_), None) => cfg.seed = None,
+        (Some(_), None) => {
+            if cfg.init.is_some() {
+                user_bail!("`init` draws a fresh model (`config:`); a `from:` model is loaded")
+            }
+            cfg.seed = None
+        }
         (None, Some(c)) => {
             // ModelConfig's fields, and `model_type` for `architecture`.
             let known = schema_keys::<ModelConfig>();
@@ -118,6 +137,7 @@ fn build(params: &Value, ctx: &BuildContext) -> Result<Box<dyn Stage>> {
             }
             *c = v.as_object().cloned().unwrap_or_default();
             cfg.seed = Some(cfg.seed.unwrap_or(ctx.pipeline_seed));
+            cfg.init = Some(cfg.init.unwrap_or_default());
         }
     }
     Ok(Box::new(ModelStage {
@@ -227,7 +247,11 @@ impl ModelStage {
                 }
                 let mc: ModelConfig = serde_json::from_value(Value::Object(c))
                     .map_err(|e| user(format!("`config`: {e}")))?;
-                CausalLm::init(&mc, device, self.cfg.seed.unwrap_or(0))
+                let (seed, init) = (
+                    self.cfg.seed.unwrap_or(0),
+                    self.cfg.init.unwrap_or_default(),
+                );
+                CausalLm::init_with(&mc, device, seed, init)
                     .map_err(|e| user(format!("`config`: {e:#}")))?
             }
             (None, None) => unreachable!("validated in build"),

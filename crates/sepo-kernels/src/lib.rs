@@ -26,10 +26,10 @@
 //! [`swiglu`] and its gradient: the gated MLP's `silu(gate) * up` straight from the fused
 //! projection, one pass with the same exponential (see [`swiglu`](mod@swiglu)).
 //!
-//! [`box_muller`]: the normal draws of fresh weights (scalar, exact; here to be optimized).
+//! [`fill_normal`] and [`box_muller`]: the normal draws of fresh weights (see [`normal`]).
 //!
-//! macerator, rayon, bytemuck and aligned-vec are already compiled for burn-flex, at these
-//! versions and features: this crate adds no dependency to the build.
+//! Every dependency (macerator, rayon, bytemuck, aligned-vec, chacha20, rand, rand_distr) is
+//! already compiled for burn at these versions and features: this crate adds none to the build.
 
 #![forbid(unsafe_code)]
 
@@ -40,7 +40,7 @@ pub mod swiglu;
 
 pub use backward::causal_attention_backward;
 pub use logprobs::{gather_logprobs, gather_logprobs_backward};
-pub use normal::box_muller;
+pub use normal::{NORMAL_BLOCK, box_muller, fill_normal};
 pub use swiglu::{swiglu, swiglu_backward};
 
 use aligned_vec::{AVec, ConstAlign};
