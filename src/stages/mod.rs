@@ -119,7 +119,13 @@ mod tests {
                 serde_json::json!({}),
                 vec!["data".into(), "tokenizer".into()],
             ),
-            "model" => (serde_json::json!({"from": "m"}), vec![]),
+            // `config:`, whose canonical form has every parameter (`seed`, `init`), rather than
+            // `from:`.
+            "model" => (
+                serde_json::json!({"config": {"architecture": "llama", "hidden_size": 8,
+                    "num_hidden_layers": 1, "num_attention_heads": 2}}),
+                vec!["tokenizer".into()],
+            ),
             "train" => (
                 serde_json::json!({"objective": "sft"}),
                 vec!["model".into(), "data".into()],

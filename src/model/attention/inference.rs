@@ -232,16 +232,21 @@ mod tests {
                 &device,
             )
         };
+        // The largest difference, relative to the largest magnitude (at least 1): the hidden
+        // states of these peaky weights reach several units, where f32 rounds at 1e-6.
         let both = |run: &dyn Fn() -> Vec<f32>| {
             BURN_ONLY.set(false);
             let fast = run();
             BURN_ONLY.set(true);
             let burn = run();
             BURN_ONLY.set(false);
-            fast.iter()
+            let scale = burn.iter().fold(1f32, |m, b| m.max(b.abs()));
+            let d = fast
+                .iter()
                 .zip(&burn)
                 .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max)
+                .fold(0f32, f32::max);
+            d / scale
         };
         for cfg in configs {
             let lm = CausalLm::init(&cfg, &device, 3).unwrap();
