@@ -157,7 +157,10 @@ pub fn compute(
     seqs.sort_by_key(|s| s.2);
     let mut chosen = vec![Vec::new(); rows.len()];
     let mut rejected = vec![Vec::new(); rows.len()];
-    for chunk in seqs.chunks(64) {
+    // Two batches side by side on flex: a small model's operations keep one core busy each
+    // better than both cores on one batch (each batch's log-probs are the same either way).
+    let chunks: Vec<&[(usize, bool, usize)]> = seqs.chunks(64).collect();
+    let done = crate::device::side_by_side(device, &chunks, |chunk| {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk
             .iter()
             .map(|&(i, c, _)| {
@@ -173,6 +176,10 @@ pub fn compute(
             })
             .collect();
         let lp = lm.response_logprobs(&pairs, device)?;
+        bar.inc(chunk.len() as u64);
+        Ok(lp)
+    })?;
+    for (chunk, lp) in chunks.iter().zip(done) {
         for (&(i, c, _), v) in chunk.iter().zip(lp) {
             if c {
                 chosen[i] = v;
@@ -180,7 +187,6 @@ pub fn compute(
                 rejected[i] = v;
             }
         }
-        bar.inc(chunk.len() as u64);
     }
     bar.finish();
     Ok(Logprobs {

@@ -293,8 +293,19 @@ impl Stage for Evaluate {
             };
             let gen_dir = ctx.out.join(Report::GENERATIONS);
             std::fs::create_dir_all(&gen_dir)?;
-            for e in &entries {
+            // Every model's answers (and to the extra prompts), computed side by side.
+            let answered = crate::device::side_by_side(&device, &entries, |e| {
                 let answers = self.answer(ctx, e.art, &prompts, &device)?;
+                let more = match &extra {
+                    Some((_, _, rows)) => {
+                        let refs: Vec<&TokenRow> = rows.iter().collect();
+                        Some(self.answer(ctx, e.art, &refs, &device)?)
+                    }
+                    None => None,
+                };
+                Ok((answers, more))
+            })?;
+            for (e, (answers, more)) in entries.iter().zip(answered) {
                 let lens: Vec<f64> = answers.iter().map(|a| a.ids.len() as f64).collect();
                 let (mean, se, n) = mean_se(&lens);
                 report.push(row(
@@ -320,9 +331,8 @@ impl Stage for Evaluate {
                         json!({"instruction": inst, "output": a.text, "generator": e.art.stage, "dataset": dataset})
                     })
                     .collect();
-                if let Some((name, texts, rows)) = &extra {
-                    let refs: Vec<&TokenRow> = rows.iter().collect();
-                    for (a, inst) in self.answer(ctx, e.art, &refs, &device)?.iter().zip(texts) {
+                if let (Some((name, texts, _)), Some(more)) = (&extra, &more) {
+                    for (a, inst) in more.iter().zip(texts) {
                         items.push(json!({"instruction": inst, "output": a.text, "generator": e.art.stage, "dataset": name}));
                     }
                 }
@@ -566,10 +576,31 @@ impl Evaluate {
                 .collect()
         };
         let chosen_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.chosen_ids.clone()).collect();
-        let chosen_scores = scorer.score(&seqs(&mut chosen_ids.iter()))?;
-        // How far to trust the judge: its own accuracy on the same held-out pairs.
         let rejected_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.rejected_ids.clone()).collect();
-        let rejected_scores = scorer.score(&seqs(&mut rejected_ids.iter()))?;
+        // The answers of every model (the reference's first), after the data's chosen and
+        // rejected answers: every set of answers the judge scores, scored side by side.
+        let answer_ids: Vec<Vec<Vec<u32>>> = entries
+            .iter()
+            .map(|e| {
+                generations[&e.art.stage]
+                    .iter()
+                    .map(|a| a.ids.clone())
+                    .collect()
+            })
+            .collect();
+        let sets: Vec<&Vec<Vec<u32>>> = [&chosen_ids, &rejected_ids]
+            .into_iter()
+            .chain(&answer_ids)
+            .collect();
+        let mut scored =
+            crate::device::side_by_side(device, &sets, |ids| scorer.score(&seqs(&mut ids.iter())))?
+                .into_iter();
+        let (chosen_scores, rejected_scores) = (
+            scored.next().expect("scored"),
+            scored.next().expect("scored"),
+        );
+        let answer_scores: Vec<Vec<f32>> = scored.collect();
+        // How far to trust the judge: its own accuracy on the same held-out pairs.
         let acc: Vec<f64> = chosen_scores
             .iter()
             .zip(&rejected_scores)
@@ -584,23 +615,13 @@ impl Evaluate {
             a_se,
             a_n,
         )];
-        let reference = entries[0].art.stage.as_str();
-        let ref_answers = &generations[reference];
-        let ref_ids: Vec<Vec<u32>> = ref_answers.iter().map(|a| a.ids.clone()).collect();
-        let ref_scores = scorer.score(&seqs(&mut ref_ids.iter()))?;
-        for e in entries {
-            let answers = &generations[&e.art.stage];
-            let ids: Vec<Vec<u32>> = answers.iter().map(|a| a.ids.clone()).collect();
-            let scores = if e.role == "reference" {
-                ref_scores.clone()
-            } else {
-                scorer.score(&seqs(&mut ids.iter()))?
-            };
+        let (ref_ids, ref_scores) = (&answer_ids[0], &answer_scores[0]);
+        for ((e, ids), scores) in entries.iter().zip(&answer_ids).zip(&answer_scores) {
             let (js, _, jn) = mean_se(&scores.iter().map(|&x| x as f64).collect::<Vec<_>>());
             out.push(row(&e.art.stage, e.role, "judge_score_mean", js, None, jn));
             let mut versus = vec![("chosen", &chosen_ids, &chosen_scores)];
             if e.role != "reference" {
-                versus.insert(0, ("reference", &ref_ids, &ref_scores));
+                versus.insert(0, ("reference", ref_ids, ref_scores));
             }
             for (name, opp_ids, opp_scores) in versus {
                 let duels: Vec<Duel> = (0..ids.len())
