@@ -528,7 +528,7 @@ impl Stream {
 /// `2p + 1`) gives `r cos t` and then, if there is room, `r sin t`, each times `std`. The same
 /// arithmetic, in the same order, as drawing `u1 = 1 - rng.random::<f64>()` and
 /// `u2 = rng.random::<f64>()` (`(x >> 11) * 2^-53`) from the `StdRng`.
-fn fill_normal(stream: &mut Stream, first: u64, out: &mut [f32], std: f32) {
+fn fill_box_muller(stream: &mut Stream, first: u64, out: &mut [f32], std: f32) {
     let n = out.len();
     let (mut i, mut p) = (0, first);
     while i < n {
@@ -591,15 +591,21 @@ impl Init {
     /// [`Init::new`] says, consumed pair by pair from one tensor to the next. Large tensors are
     /// drawn on all threads either way.
     pub fn normal(&mut self, shape: Vec<usize>) -> HostTensor {
-        let n: usize = shape.iter().product();
-        if self.sampler == InitSampler::Ziggurat {
-            let mut data = vec![0f32; n];
-            sepo_kernels::fill_normal(self.seed, self.tensors, self.std, &mut data);
-            self.tensors += 1;
-            return HostTensor::new(shape, data);
+        let mut data = vec![0f32; shape.iter().product()];
+        match self.sampler {
+            InitSampler::Ziggurat => {
+                sepo_kernels::fill_normal(self.seed, self.tensors, self.std, &mut data);
+                self.tensors += 1;
+            }
+            InitSampler::BoxMuller => self.box_muller(&mut data),
         }
+        HostTensor::new(shape, data)
+    }
+
+    /// Box-Muller draws into `data` from the stream's next pairs, in chunks on all threads.
+    fn box_muller(&mut self, data: &mut [f32]) {
+        let n = data.len();
         let pairs = n.div_ceil(2) as u64;
-        let mut data = vec![0f32; n];
         let threads = if pairs < 1 << 16 {
             1
         } else {
@@ -607,7 +613,7 @@ impl Init {
         };
         let starts = chunk_starts(pairs, threads);
         let mut chunks = Vec::with_capacity(starts.len());
-        let mut rest = data.as_mut_slice();
+        let mut rest = data;
         for (k, &s) in starts.iter().enumerate() {
             let end = starts.get(k + 1).map_or(n, |&e| 2 * e as usize);
             let (chunk, tail) = rest.split_at_mut(end - 2 * s as usize);
@@ -619,7 +625,7 @@ impl Init {
             .into_par_iter()
             .map(|(first, out)| {
                 let mut s = master.clone();
-                fill_normal(&mut s, first, out, std);
+                fill_box_muller(&mut s, first, out, std);
                 s
             })
             .collect();
@@ -627,7 +633,6 @@ impl Init {
             self.stream = last;
         }
         self.pos += pairs;
-        HostTensor::new(shape, data)
     }
 }
 
