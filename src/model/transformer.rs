@@ -222,38 +222,54 @@ impl Decoder {
         }
         let (nh, nkv, hd) = (sp.n_heads, sp.n_kv, sp.head_dim);
         let dt = sp.precision.compute_dtype();
+        // A plain causal product in f32 on flex (training, score, reference log-probs, evaluate
+        // prompts): the whole layer from the q/k/v projection as one operation with its own
+        // backward (super::attention::qkv), with the tables `[seq, rot]`.
+        let fused = (cache.is_none()
+            && mask.is_none()
+            && dt.is_none()
+            && sp.rot_dim > 0
+            && super::attention::qkv::usable(&device, hd))
+        .then(|| {
+            let table = |t: &Tensor<4>| t.clone().reshape([seq, sp.rot_dim]);
+            (table(&cos), table(&sin))
+        });
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = blk.ln1.forward(x.clone());
             // Rotary embeddings and the cache stay f32 (autocast promotes q/k to f32 there).
             let qkv = to_f32(blk.qkv.forward_as(h, dt));
-            let q = qkv
-                .clone()
-                .slice_dim(2, 0..nh * hd)
-                .reshape([batch, seq, nh, hd])
-                .swap_dims(1, 2);
-            let k = qkv
-                .clone()
-                .slice_dim(2, nh * hd..(nh + nkv) * hd)
-                .reshape([batch, seq, nkv, hd])
-                .swap_dims(1, 2);
-            let v = qkv
-                .slice_dim(2, (nh + nkv) * hd..(nh + 2 * nkv) * hd)
-                .reshape([batch, seq, nkv, hd])
-                .swap_dims(1, 2);
-            let q = apply_rope(q, &cos, &sin, sp.rot_dim);
-            let mut k = apply_rope(k, &cos, &sin, sp.rot_dim);
-            let mut v = v;
-            if let Some(c) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = c.layers[li].take() {
-                    k = Tensor::cat(vec![pk, k], 2);
-                    v = Tensor::cat(vec![pv, v], 2);
+            let att = if let Some((cos, sin)) = &fused {
+                super::attention::qkv::attention(qkv, cos, sin, nh, nkv)
+            } else {
+                let q = qkv
+                    .clone()
+                    .slice_dim(2, 0..nh * hd)
+                    .reshape([batch, seq, nh, hd])
+                    .swap_dims(1, 2);
+                let k = qkv
+                    .clone()
+                    .slice_dim(2, nh * hd..(nh + nkv) * hd)
+                    .reshape([batch, seq, nkv, hd])
+                    .swap_dims(1, 2);
+                let v = qkv
+                    .slice_dim(2, (nh + nkv) * hd..(nh + 2 * nkv) * hd)
+                    .reshape([batch, seq, nkv, hd])
+                    .swap_dims(1, 2);
+                let q = apply_rope(q, &cos, &sin, sp.rot_dim);
+                let mut k = apply_rope(k, &cos, &sin, sp.rot_dim);
+                let mut v = v;
+                if let Some(c) = cache.as_deref_mut() {
+                    if let Some((pk, pv)) = c.layers[li].take() {
+                        k = Tensor::cat(vec![pk, k], 2);
+                        v = Tensor::cat(vec![pv, v], 2);
+                    }
+                    c.layers[li] = Some((k.clone(), v.clone()));
                 }
-                c.layers[li] = Some((k.clone(), v.clone()));
-            }
-            let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
-            let (q, k, v) = (cast(q, dt), cast(k, dt), cast(v, dt));
-            let att = attend(q, k, v, mask.as_ref(), past);
-            let att = att.swap_dims(1, 2).reshape([batch, seq, nh * hd]);
+                let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+                let (q, k, v) = (cast(q, dt), cast(k, dt), cast(v, dt));
+                let att = attend(q, k, v, mask.as_ref(), past);
+                att.swap_dims(1, 2).reshape([batch, seq, nh * hd])
+            };
             // The residual stream stays f32: a low-precision projection is added to it in f32.
             let a = to_f32(blk.o.forward_as(att, dt));
             if sp.parallel_residual {

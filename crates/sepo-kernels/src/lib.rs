@@ -26,6 +26,10 @@
 //! [`swiglu`] and its gradient: the gated MLP's `silu(gate) * up` straight from the fused
 //! projection, one pass with the same exponential (see [`swiglu`](mod@swiglu)).
 //!
+//! [`split_rope`] and its gradient: the fused q/k/v projection split into heads with the rotary
+//! embedding applied, and the head/token layout moves around attention, one pass each (see
+//! [`rope`]).
+//!
 //! [`fill_normal`] and [`box_muller`]: the normal draws of fresh weights (see [`normal`]).
 //!
 //! Every dependency (macerator, rayon, bytemuck, aligned-vec, chacha20, rand, rand_distr) is
@@ -36,11 +40,13 @@
 pub mod backward;
 pub mod logprobs;
 pub mod normal;
+pub mod rope;
 pub mod swiglu;
 
 pub use backward::causal_attention_backward;
 pub use logprobs::{gather_logprobs, gather_logprobs_backward};
 pub use normal::{NORMAL_BLOCK, box_muller, fill_normal};
+pub use rope::{QkvShape, heads_to_rows, merge_rope_grad, rows_to_heads, split_rope};
 pub use swiglu::{swiglu, swiglu_backward};
 
 use aligned_vec::{AVec, ConstAlign};

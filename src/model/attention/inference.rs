@@ -24,7 +24,7 @@ pub(crate) fn causal(
     past: usize,
 ) -> Option<Tensor<4>> {
     #[cfg(test)]
-    if tests::BURN_ONLY.get() {
+    if burn_only() {
         return None;
     }
     let [batch, heads, seq, head_dim] = q.dims();
@@ -55,12 +55,24 @@ pub(crate) fn causal(
         head_dim,
     };
     #[cfg(test)]
-    tests::KERNEL_CALLS.set(tests::KERNEL_CALLS.get() + 1);
+    count_kernel_call();
     let out = sepo_kernels::causal_attention(&q, &k, &v, shape);
     Some(Tensor::from_data(
         TensorData::new(out, [batch, heads, seq, head_dim]),
         &device,
     ))
+}
+
+/// Test hook: whether a test asked for burn's attention only (the reference path).
+#[cfg(test)]
+pub(super) fn burn_only() -> bool {
+    tests::BURN_ONLY.get()
+}
+
+/// Test hook: counts a call that ran the kernel crate's attention on this thread.
+#[cfg(test)]
+pub(super) fn count_kernel_call() {
+    tests::KERNEL_CALLS.set(tests::KERNEL_CALLS.get() + 1);
 }
 
 /// The bytes of `d` as f32: a cast where aligned, else one copy.

@@ -17,13 +17,16 @@
 //!   softmax-attention gradient written out on recomputed probabilities.
 //!
 //! Both are checked against burn's decomposed attention (values and gradients) in the tests below.
-//! [`inference`] is the flex kernel for no-grad forwards that continue a KV cache.
+//! [`inference`] is the flex kernel for no-grad forwards that continue a KV cache; [`qkv`] is the
+//! whole layer from the fused q/k/v projection (split, rotary embedding, attention) on flex,
+//! which the decoder takes wherever it applies.
 
 // burn 0.22 marks its LibTorch types deprecated (burn-tch is on its way out); sepo still uses them
 // for CUDA, as src/device.rs does.
 #![allow(deprecated)]
 
 pub(crate) mod inference;
+pub(crate) mod qkv;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
