@@ -10,11 +10,11 @@
 //! Here (`sepo_kernels::split_rope` and friends, one pass each):
 //! - forward: split and rotate, the kernel crate's causal attention with key/value heads as they
 //!   are, output to token rows;
-//! - backward: split and rotate again, the attention's forward for its log-denominators and its
-//!   gradient, the rotation's transpose written straight into the projection's gradient.
+//! - backward: split and rotate again, the attention's gradient from the forward's output and
+//!   log-denominators, the rotation's transpose written straight into the projection's gradient.
 //!
-//! Only the projection is kept for the backward (as [`super::causal_attention`] keeps only q, k
-//! and v). It applies where the kernel does: flex, f32, a supported head width, a CPU with the
+//! The backward keeps the projection, the output (which the output projection keeps anyway) and
+//! one log-denominator per query, so it does not run the attention's forward again. It applies where the kernel does: flex, f32, a supported head width, a CPU with the
 //! kernel's instructions, and a plain causal product (no cache, no mask); the decoder composes
 //! the layer otherwise ([`usable`]). The test below checks values and gradients against the
 //! composed layer.
@@ -41,11 +41,25 @@ pub trait QkvAttention: Backend {
         kv_heads: usize,
     ) -> FloatTensor<Self>;
 
-    /// The gradient with respect to `qkv` for the output gradient `dout`.
+    /// [`QkvAttention::qkv_attention`] and each query's natural-log softmax denominator
+    /// `[batch, heads, seq]`, for the backward pass.
+    fn qkv_attention_lse(
+        qkv: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
+        kv_heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// The gradient with respect to `qkv` for the output gradient `dout`, given the forward's
+    /// output `out` and log-denominators `lse` ([`QkvAttention::qkv_attention_lse`]).
+    #[allow(clippy::too_many_arguments)]
     fn qkv_attention_backward(
         qkv: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
         dout: FloatTensor<Self>,
         heads: usize,
         kv_heads: usize,
@@ -135,35 +149,50 @@ mod flex {
             heads: usize,
             kv_heads: usize,
         ) -> FloatTensor<Self> {
+            Self::qkv_attention_lse(qkv, cos, sin, heads, kv_heads).0
+        }
+
+        fn qkv_attention_lse(
+            qkv: FloatTensor<Self>,
+            cos: FloatTensor<Self>,
+            sin: FloatTensor<Self>,
+            heads: usize,
+            kv_heads: usize,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
             let (split, attend) = shapes(&qkv, &cos, heads, kv_heads);
             let [qkv, cos, sin] = [&qkv, &cos, &sin].map(|t| t.to_contiguous());
             let (q, k, v) =
                 sepo_kernels::split_rope(qkv.storage(), cos.storage(), sin.storage(), split);
-            let (out, _) = sepo_kernels::causal_attention_lse(&q, &k, &v, attend);
+            let (out, lse) = sepo_kernels::causal_attention_lse(&q, &k, &v, attend);
             let (b, s, d) = (split.batch, split.seq, split.head_dim);
             let rows = sepo_kernels::heads_to_rows(&out, b, heads, s, d);
-            FlexTensor::from_data(TensorData::new(rows, [b, s, heads * d]))
+            (
+                FlexTensor::from_data(TensorData::new(rows, [b, s, heads * d])),
+                FlexTensor::from_data(TensorData::new(lse, [b, heads, s])),
+            )
         }
 
         fn qkv_attention_backward(
             qkv: FloatTensor<Self>,
             cos: FloatTensor<Self>,
             sin: FloatTensor<Self>,
+            out: FloatTensor<Self>,
+            lse: FloatTensor<Self>,
             dout: FloatTensor<Self>,
             heads: usize,
             kv_heads: usize,
         ) -> FloatTensor<Self> {
             let (split, attend) = shapes(&qkv, &cos, heads, kv_heads);
-            let [qkv, cos, sin, dout] = [&qkv, &cos, &sin, &dout].map(|t| t.to_contiguous());
+            let [qkv, cos, sin, out, lse, dout] =
+                [&qkv, &cos, &sin, &out, &lse, &dout].map(|t| t.to_contiguous());
             let (cos, sin) = (cos.storage(), sin.storage());
             let (q, k, v) = sepo_kernels::split_rope(qkv.storage(), cos, sin, split);
-            // The forward again for its output and log-denominators (cheaper than keeping
-            // them), then the attention's gradient and the rotation's transpose.
-            let (out, lse) = sepo_kernels::causal_attention_lse(&q, &k, &v, attend);
             let (b, s, d) = (split.batch, split.seq, split.head_dim);
+            let out = sepo_kernels::rows_to_heads(out.storage(), b, heads, s, d);
+            let lse = lse.storage();
             let dout = sepo_kernels::rows_to_heads(dout.storage(), b, heads, s, d);
             let (dq, dk, dv) =
-                sepo_kernels::causal_attention_backward(&q, &k, &v, &out, &dout, &lse, attend);
+                sepo_kernels::causal_attention_backward(&q, &k, &v, &out, &dout, lse, attend);
             let dqkv = sepo_kernels::merge_rope_grad(&dq, &dk, &dv, cos, sin, split);
             FlexTensor::from_data(TensorData::new(dqkv, [b, s, split.width()]))
         }
@@ -171,8 +200,8 @@ mod flex {
 }
 
 /// Autodiff: the inner backend's forward, recorded as one node whose backward is the inner
-/// backend's [`QkvAttention::qkv_attention_backward`]. Only the projection (and the tables,
-/// constants) is kept.
+/// backend's [`QkvAttention::qkv_attention_backward`]. It keeps the projection, the tables
+/// (constants), the output and the log-denominators.
 impl<B: Backend + QkvAttention, C: CheckpointStrategy> QkvAttention for Autodiff<B, C> {
     fn qkv_attention(
         qkv: FloatTensor<Self>,
@@ -187,7 +216,8 @@ impl<B: Backend + QkvAttention, C: CheckpointStrategy> QkvAttention for Autodiff
         type Inner<B> = <B as burn::backend::BackendTypes>::FloatTensorPrimitive;
 
         impl<B: Backend + QkvAttention> Backward<B, 1> for Attend {
-            type State = (Inner<B>, Inner<B>, Inner<B>, usize, usize);
+            /// The projection, the tables, the output, the log-denominators, the head counts.
+            type State = ([Inner<B>; 5], usize, usize);
 
             fn backward(
                 self,
@@ -195,11 +225,12 @@ impl<B: Backend + QkvAttention, C: CheckpointStrategy> QkvAttention for Autodiff
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
-                let (qkv, cos, sin, heads, kv_heads) = ops.state;
+                let ([qkv, cos, sin, out, lse], heads, kv_heads) = ops.state;
                 let dout = grads.consume::<B>(&ops.node);
                 let [parent] = ops.parents;
                 if let Some(node) = parent {
-                    let dqkv = B::qkv_attention_backward(qkv, cos, sin, dout, heads, kv_heads);
+                    let dqkv =
+                        B::qkv_attention_backward(qkv, cos, sin, out, lse, dout, heads, kv_heads);
                     grads.register::<B>(node.id, dqkv);
                 }
             }
@@ -211,8 +242,9 @@ impl<B: Backend + QkvAttention, C: CheckpointStrategy> QkvAttention for Autodiff
         let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
         match Attend.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = B::qkv_attention(qkv.clone(), cos.clone(), sin.clone(), heads, kv_heads);
-                prep.finish((qkv, cos, sin, heads, kv_heads), out)
+                let (out, lse) =
+                    B::qkv_attention_lse(qkv.clone(), cos.clone(), sin.clone(), heads, kv_heads);
+                prep.finish(([qkv, cos, sin, out.clone(), lse], heads, kv_heads), out)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(B::qkv_attention(qkv, cos, sin, heads, kv_heads))
@@ -220,10 +252,22 @@ impl<B: Backend + QkvAttention, C: CheckpointStrategy> QkvAttention for Autodiff
         }
     }
 
+    fn qkv_attention_lse(
+        _qkv: FloatTensor<Self>,
+        _cos: FloatTensor<Self>,
+        _sin: FloatTensor<Self>,
+        _heads: usize,
+        _kv_heads: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("the log-denominators are the inner backend's, for its backward pass")
+    }
+
     fn qkv_attention_backward(
         _qkv: FloatTensor<Self>,
         _cos: FloatTensor<Self>,
         _sin: FloatTensor<Self>,
+        _out: FloatTensor<Self>,
+        _lse: FloatTensor<Self>,
         _dout: FloatTensor<Self>,
         _heads: usize,
         _kv_heads: usize,
