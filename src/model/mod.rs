@@ -13,6 +13,7 @@ pub mod layout;
 pub mod log_softmax;
 pub mod precision;
 pub mod reward;
+pub mod rms_norm;
 pub mod rope;
 pub mod safetensors_io;
 pub mod size;

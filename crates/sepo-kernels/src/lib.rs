@@ -26,6 +26,9 @@
 //! [`swiglu`] and its gradient: the gated MLP's `silu(gate) * up` straight from the fused
 //! projection, one pass with the same exponential (see [`swiglu`](mod@swiglu)).
 //!
+//! [`rms_norm`] and its gradient: the Llama family's norm, one pass over the rows each (see
+//! [`rms_norm`](mod@rms_norm)).
+//!
 //! [`split_rope`] and its gradient: the fused q/k/v projection split into heads with the rotary
 //! embedding applied, and the head/token layout moves around attention, one pass each (see
 //! [`rope`]).
@@ -40,12 +43,14 @@
 pub mod backward;
 pub mod logprobs;
 pub mod normal;
+pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
 pub use backward::causal_attention_backward;
 pub use logprobs::{gather_logprobs, gather_logprobs_backward};
 pub use normal::{NORMAL_BLOCK, box_muller, fill_normal};
+pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::{QkvShape, heads_to_rows, merge_rope_grad, rows_to_heads, split_rope};
 pub use swiglu::{swiglu, swiglu_backward};
 
