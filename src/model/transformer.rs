@@ -204,7 +204,7 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         left_pad: Option<&[usize]>,
     ) -> Tensor<3> {
-        let [batch, seq] = ids.dims();
+        let seq = ids.dims()[1];
         let device = ids.device();
         let past = cache.as_ref().map_or(0, |c| c.len);
         let sp = &self.spec;
@@ -242,37 +242,16 @@ impl Decoder {
             let h = blk.ln1.forward(x.clone());
             // Rotary embeddings and the cache stay f32 (autocast promotes q/k to f32 there).
             let qkv = to_f32(blk.qkv.forward_as(h, dt));
-            let att = if let Some((cos, sin)) = &fused {
-                super::attention::qkv::attention(qkv, cos, sin, nh, nkv)
-            } else {
-                let q = qkv
-                    .clone()
-                    .slice_dim(2, 0..nh * hd)
-                    .reshape([batch, seq, nh, hd])
-                    .swap_dims(1, 2);
-                let k = qkv
-                    .clone()
-                    .slice_dim(2, nh * hd..(nh + nkv) * hd)
-                    .reshape([batch, seq, nkv, hd])
-                    .swap_dims(1, 2);
-                let v = qkv
-                    .slice_dim(2, (nh + nkv) * hd..(nh + 2 * nkv) * hd)
-                    .reshape([batch, seq, nkv, hd])
-                    .swap_dims(1, 2);
-                let q = apply_rope(q, &cos, &sin, sp.rot_dim);
-                let mut k = apply_rope(k, &cos, &sin, sp.rot_dim);
-                let mut v = v;
-                if let Some(c) = cache.as_deref_mut() {
-                    if let Some((pk, pv)) = c.layers[li].take() {
-                        k = Tensor::cat(vec![pk, k], 2);
-                        v = Tensor::cat(vec![pv, v], 2);
-                    }
-                    c.layers[li] = Some((k.clone(), v.clone()));
-                }
-                let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
-                let (q, k, v) = (cast(q, dt), cast(k, dt), cast(v, dt));
-                let att = attend(q, k, v, mask.as_ref(), past);
-                att.swap_dims(1, 2).reshape([batch, seq, nh * hd])
+            let att = match &fused {
+                Some((cos, sin)) => super::attention::qkv::attention(qkv, cos, sin, nh, nkv),
+                None => self.composed_attention(
+                    li,
+                    qkv,
+                    (&cos, &sin),
+                    cache.as_deref_mut(),
+                    mask.as_ref(),
+                    past,
+                ),
             };
             // The residual stream stays f32: a low-precision projection is added to it in f32.
             let a = to_f32(blk.o.forward_as(att, dt));
@@ -289,6 +268,54 @@ impl Decoder {
             c.len += seq;
         }
         self.final_norm.forward(x)
+    }
+
+    /// Block `li`'s attention output `[batch, seq, heads * head_dim]` from its q/k/v projection,
+    /// composed from burn's ops: the split into heads, the rotary embedding with the tables
+    /// `(cos, sin)`, the cache (extended by these positions), key/value heads repeated, and
+    /// [`attend`] in the compute precision. Every forward that [`super::attention::qkv`] does
+    /// not take (a cache, a mask, mixed precision, a backend or head width without the kernel).
+    fn composed_attention(
+        &self,
+        li: usize,
+        qkv: Tensor<3>,
+        (cos, sin): (&Tensor<4>, &Tensor<4>),
+        cache: Option<&mut KvCache>,
+        mask: Option<&Tensor<4, Bool>>,
+        past: usize,
+    ) -> Tensor<3> {
+        let sp = &self.spec;
+        let (nh, nkv, hd) = (sp.n_heads, sp.n_kv, sp.head_dim);
+        let [batch, seq, _] = qkv.dims();
+        let dt = sp.precision.compute_dtype();
+        let q = qkv
+            .clone()
+            .slice_dim(2, 0..nh * hd)
+            .reshape([batch, seq, nh, hd])
+            .swap_dims(1, 2);
+        let k = qkv
+            .clone()
+            .slice_dim(2, nh * hd..(nh + nkv) * hd)
+            .reshape([batch, seq, nkv, hd])
+            .swap_dims(1, 2);
+        let v = qkv
+            .slice_dim(2, (nh + nkv) * hd..(nh + 2 * nkv) * hd)
+            .reshape([batch, seq, nkv, hd])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, cos, sin, sp.rot_dim);
+        let mut k = apply_rope(k, cos, sin, sp.rot_dim);
+        let mut v = v;
+        if let Some(c) = cache {
+            if let Some((pk, pv)) = c.layers[li].take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            c.layers[li] = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+        let (q, k, v) = (cast(q, dt), cast(k, dt), cast(v, dt));
+        let att = attend(q, k, v, mask, past);
+        att.swap_dims(1, 2).reshape([batch, seq, nh * hd])
     }
 
     /// The MLP; under mixed precision its activation and gate product run on the
