@@ -33,6 +33,8 @@
 //! embedding applied, and the head/token layout moves around attention, one pass each (see
 //! [`rope`]).
 //!
+//! [`adamw`]: one AdamW update of a flat parameter in place, one pass (see [`adamw`](mod@adamw)).
+//!
 //! [`fill_normal`] and [`box_muller`]: the normal draws of fresh weights (see [`normal`]).
 //!
 //! Every dependency (macerator, rayon, bytemuck, aligned-vec, chacha20, rand, rand_distr) is
@@ -40,6 +42,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adamw;
 pub mod backward;
 pub mod logprobs;
 pub mod normal;
@@ -47,6 +50,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
+pub use adamw::{AdamWScalars, adamw};
 pub use backward::causal_attention_backward;
 pub use logprobs::{gather_logprobs, gather_logprobs_backward};
 pub use normal::{NORMAL_BLOCK, box_muller, fill_normal};

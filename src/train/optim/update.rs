@@ -6,9 +6,10 @@
 //! LibTorch it runs torch's own in-place kernels instead, in the order `torch.optim.AdamW`'s
 //! single-tensor path calls them (`mul_`, `lerp_`, `mul_`/`addcmul_`, `sqrt`/`div_`/`add_`,
 //! `addcdiv_`): 9 kernels and about 23 passes, no new buffers for the parameter or the moments,
-//! and the arithmetic of the kernels PyTorch itself uses. Flex keeps the burn operations
-//! (its arithmetic is unchanged). A tensor whose buffer is shared (`can_mut` false) is copied
-//! before it is written, so no other holder ever sees an update.
+//! and the arithmetic of the kernels PyTorch itself uses. Flex runs the burn operations' own
+//! arithmetic in one pass (`sepo_kernels::adamw`: the same bits as the decomposed update, which
+//! stays for buffers that are not flat f32). A tensor whose buffer is shared is copied before it
+//! is written, so no other holder ever sees an update.
 
 // burn 0.22 marks its LibTorch types deprecated (burn-tch is on its way out); sepo still uses them
 // for CUDA, as src/device.rs does.
@@ -112,6 +113,10 @@ fn decomposed<B: Backend>(
 
 #[cfg(feature = "flex")]
 impl AdamWUpdate for burn::backend::Flex {
+    /// The kernel crate's one-pass update (`sepo_kernels::adamw`: the decomposed update's
+    /// arithmetic, the same bits), in place in each buffer this update owns alone and in a copy
+    /// of one that is shared (burn-flex's copy-on-write), for f32 buffers laid out flat from
+    /// their start; anything else takes the decomposed update.
     fn adamw_update(
         p: FloatTensor<Self>,
         g: FloatTensor<Self>,
@@ -119,7 +124,34 @@ impl AdamWUpdate for burn::backend::Flex {
         v: FloatTensor<Self>,
         c: Coefs,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        decomposed::<Self>(p, g, m, v, c)
+        use burn::backend::TensorMetadata;
+        let n = p.shape().num_elements();
+        let flat = |t: &FloatTensor<Self>| {
+            t.dtype() == burn::tensor::DType::F32 && t.layout().contiguous_offsets() == Some((0, n))
+        };
+        if ![&p, &g, &m, &v].into_iter().all(flat) {
+            return decomposed::<Self>(p, g, m, v, c);
+        }
+        // burn-flex rounds each f64 scalar to f32 once, as here.
+        let scalars = sepo_kernels::AdamWScalars {
+            decay: c.decay.map(|d| d as f32),
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            neg_step_size: (-c.step_size) as f32,
+            bias_correction2_sqrt: c.bias_correction2_sqrt as f32,
+            eps: c.eps as f32,
+        };
+        let (mut p, mut m, mut v) = (p, m, v);
+        // `storage_mut` copies a buffer someone else still holds before it is written.
+        sepo_kernels::adamw(
+            &mut p.storage_mut::<f32>()[..n],
+            &g.storage::<f32>()[..n],
+            &mut m.storage_mut::<f32>()[..n],
+            &mut v.storage_mut::<f32>()[..n],
+            scalars,
+        );
+        (p, m, v)
     }
 }
 
@@ -218,5 +250,50 @@ mod tests {
         }
         // The update moved the parameter.
         assert_ne!(owned[0], p0);
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod flex_tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    /// The one-pass update on flex gives the decomposed update's bits, with and without decay,
+    /// and leaves a buffer that someone else still holds as it was.
+    #[test]
+    fn one_pass_update_is_the_decomposed_one_and_spares_shared_buffers() {
+        let flex = crate::device::parse_device("flex").unwrap();
+        let n = 70_001;
+        let wave =
+            |a: f32, b: f32| -> Vec<f32> { (0..n).map(|i| a * ((i as f32) * b).sin()).collect() };
+        let (p0, g0, m0) = (wave(0.5, 0.37), wave(0.01, 1.3), wave(0.002, 0.71));
+        let v0: Vec<f32> = wave(1e-4, 0.23).iter().map(|x| x.abs()).collect();
+        let t = |x: &[f32]| Tensor::<1>::from_data(TensorData::new(x.to_vec(), [n]), &flex);
+        let bits = |t: Tensor<1>| t.to_data().to_vec::<f32>().unwrap();
+        for decay in [Some(1.0 - 1e-3 * 0.01), None] {
+            let c = Coefs {
+                decay,
+                beta1: 0.9,
+                beta2: 0.999,
+                step_size: 1e-3 / (1.0 - 0.9f64.powi(3)),
+                bias_correction2_sqrt: (1.0 - 0.999f64.powi(3)).sqrt(),
+                eps: 1e-8,
+            };
+            let [p, g, m, v] = [&p0, &g0, &m0, &v0].map(|x| t(x));
+            let held = p.clone();
+            let (fp, fm, fv) = adamw_update(p, g, m, v, c);
+            assert_eq!(bits(held), p0, "a held copy keeps its values");
+            let ft = |x: &[f32]| {
+                burn::backend::flex::FlexTensor::from_data(TensorData::new(x.to_vec(), [n]))
+            };
+            let [p, g, m, v] = [&p0, &g0, &m0, &v0].map(|x| ft(x));
+            let (dp, dm, dv) = decomposed::<burn::backend::Flex>(p, g, m, v, c);
+            let flex_bits =
+                |x: burn::backend::flex::FlexTensor| x.into_data().to_vec::<f32>().unwrap();
+            assert_eq!(bits(fp.clone()), flex_bits(dp), "p");
+            assert_eq!(bits(fm), flex_bits(dm), "m");
+            assert_eq!(bits(fv), flex_bits(dv), "v");
+            assert_ne!(bits(fp), p0, "the update moved the parameter");
+        }
     }
 }
