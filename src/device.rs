@@ -53,7 +53,7 @@ pub fn side_by_side<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
-    let pairs = device_name(device) == "flex" && rayon::current_num_threads() > 1;
+    let pairs = is_flex(device) && !device.is_autodiff() && rayon::current_num_threads() > 1;
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(if pairs { 2 } else { 1 }) {
         let (a, b) = rayon::join(|| f(&chunk[0]), || chunk.get(1).map(&f).transpose());
@@ -61,6 +61,24 @@ pub fn side_by_side<T: Sync, R: Send>(
         out.extend(b?);
     }
     Ok(out)
+}
+
+/// Whether `device` is flex, with or without autodiff. A match, not [`device_name`]'s
+/// formatting: the model's operations ask it on every call.
+pub fn is_flex(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        use burn::backend::DispatchDevice;
+        matches!(
+            device.as_dispatch().clone().inner(),
+            DispatchDevice::Flex(_)
+        )
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
 }
 
 /// A short, stable name for a device, in the syntax [`parse_device`] accepts (`flex`, `tch-cpu`,
@@ -205,11 +223,19 @@ mod tests {
                 "flex (autodiff)"
             );
         }
+        #[cfg(feature = "flex")]
+        {
+            let flex = parse_device("flex").unwrap();
+            assert!(is_flex(&flex) && is_flex(&flex.autodiff()));
+        }
         let cpu = parse_device("cpu").unwrap();
         #[cfg(not(feature = "tch"))]
         assert_eq!(device_name(&cpu), "flex");
         #[cfg(feature = "tch")]
-        assert_eq!(device_name(&cpu), "tch-cpu");
+        {
+            assert_eq!(device_name(&cpu), "tch-cpu");
+            assert!(!is_flex(&cpu) && !is_flex(&cpu.clone().autodiff()));
+        }
         assert!(parse_device("auto").is_ok());
     }
 

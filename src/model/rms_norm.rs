@@ -42,9 +42,8 @@ pub trait RmsNorm: Backend {
 /// RMSNorm of `x` over its last dimension, scaled by `w`, or `None` where the operation does not
 /// apply (not flex, not f32) and the caller composes it.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, w: Tensor<1>, eps: f64) -> Option<Tensor<D>> {
-    let usable = x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && crate::device::device_name(&x.device()).starts_with("flex");
+    let usable =
+        x.dtype() == DType::F32 && w.dtype() == DType::F32 && crate::device::is_flex(&x.device());
     if !usable {
         return None;
     }

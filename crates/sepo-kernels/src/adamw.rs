@@ -1,8 +1,8 @@
 //! One AdamW update of a flat parameter, in place, in one pass: the parameter, its gradient and
 //! both moments are read once and the parameter and moments written once. Composed from tensor
 //! operations the update is thirteen element-wise operations, each a pass over the parameter's
-//! size (with new buffers where the inputs are shared): at a 162M-parameter model that was most
-//! of a training step on the CPU.
+//! size (with new buffers where the inputs are shared): 15.5% of the CPU samples of a one-step
+//! `train` stage of a 162M-parameter model.
 //!
 //! The arithmetic is the composed update's, operation for operation, in f32 with the scalars
 //! rounded to f32 as burn-flex rounds them, so the results are the same bits:

@@ -1,8 +1,8 @@
 //! RMS normalization of rows (`y = x * r * w`, `r = 1 / sqrt(mean(x^2) + eps)`, the Llama
 //! family's norm) and its gradient, one pass over the rows each. Composed from tensor ops the
 //! forward is seven (square, mean, add, sqrt, reciprocal, two products), each writing a tensor,
-//! and autodiff's backward as many again: a small model's training spent about a sixth of its
-//! time there.
+//! and autodiff's backward as many again (one pass each way instead took a DPO stage of the
+//! main job from about 10 to about 9 s of training).
 
 use rayon::prelude::*;
 

@@ -30,8 +30,9 @@ pub(crate) fn causal(
     let [batch, heads, seq, head_dim] = q.dims();
     let [kb, kv_heads, keys, kd] = k.dims();
     let device = q.device();
-    // `device_name` says `flex (autodiff)` on an autodiff device.
-    let usable = crate::device::device_name(&device) == "flex"
+    // No-grad forwards only: under autodiff the training path (super::qkv) or burn's graph.
+    let usable = crate::device::is_flex(&device)
+        && !device.is_autodiff()
         && [q.dtype(), k.dtype(), v.dtype()] == [DType::F32; 3]
         && v.dims() == k.dims()
         && (kb, kd, keys) == (batch, head_dim, past + seq)
