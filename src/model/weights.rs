@@ -4,11 +4,13 @@
 //! parameters, exporting them back, and drawing fresh seeded weights.
 //!
 //! Speed (the sepo crate is not optimized in the dev profile, its dependencies are, so nothing
-//! here loops over values): transposes are the backend's (burn-flex copies in tiles, on all
-//! threads); loading reads each part of a projection straight into its rows of one buffer;
-//! saving reads each Hugging Face tensor out of the parameters a few megabytes at a time, as the
-//! file is written ([`HfExport::write`]), so a save costs no second copy of the model; fresh
-//! weights come from rand's ChaCha12 core one 64-word buffer at a time, drawn on all threads.
+//! here loops over values): transposes are the kernel crate's (`sepo_kernels::transpose`, tiles
+//! of 64 x 64, on all threads when loading); loading reads each part of a projection straight
+//! into its rows of one buffer, reused from one linear to the next; saving reads each Hugging
+//! Face tensor out of the parameters a megabyte at a time, as the file is written
+//! ([`HfExport::write`]): on flex straight from the parameter's own memory ([`HostView`]),
+//! elsewhere through the backend, so a save costs no second copy of the model; fresh weights
+//! come from rand's ChaCha12 core one 64-word buffer at a time, drawn on all threads.
 
 use std::ops::Range;
 
@@ -111,7 +113,15 @@ fn load_layout(
     files: &mut WeightFiles,
     device: &Device,
 ) -> Result<(Decoder, Option<Linear>)> {
-    let built = build(c, layout, &mut Reader { files, device })?;
+    let built = build(
+        c,
+        layout,
+        &mut Reader {
+            files,
+            device,
+            scratch: Vec::new(),
+        },
+    )?;
     files.finish(|name| layout.ignorable(name))?;
     Ok(built)
 }
@@ -184,13 +194,27 @@ enum Piece<'a> {
     Bytes(Vec<u8>),
 }
 
-/// About how many bytes of a large tensor are read out of the backend at a time.
-const PIECE_BYTES: usize = 4 << 20;
+/// About how many bytes of a large tensor are read out of the backend at a time: a piece the
+/// writer copies while it is still in the cache.
+const PIECE_BYTES: usize = 1 << 20;
 
 impl TensorBytes for Piece<'_> {
     fn emit(&self, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         match self {
             Piece::Columns(p, cols) => {
+                if let Some(host) = HostView::of(p) {
+                    // Transposed here, a piece at a time, into one buffer.
+                    let [rows, width] = p.val().dims();
+                    let step = (PIECE_BYTES / (4 * rows).max(1)).max(1);
+                    let mut buf = vec![0f32; step.min(cols.len()) * rows];
+                    for c in cols.clone().step_by(step) {
+                        let end = (c + step).min(cols.end);
+                        let out = &mut buf[..(end - c) * rows];
+                        sepo_kernels::transpose_columns(host.values(), width, c..end, out);
+                        sink(bytemuck::cast_slice(out))?;
+                    }
+                    return Ok(());
+                }
                 let w = p.val().detach();
                 let step = (PIECE_BYTES / (4 * w.dims()[0]).max(1)).max(1);
                 for c in cols.clone().step_by(step) {
@@ -200,6 +224,9 @@ impl TensorBytes for Piece<'_> {
                 Ok(())
             }
             Piece::Matrix(p) => {
+                if let Some(host) = HostView::of(p) {
+                    return sink(bytemuck::cast_slice(host.values()));
+                }
                 let w = p.val().detach();
                 let [rows, cols] = w.dims();
                 let step = (PIECE_BYTES / (4 * cols).max(1)).max(1);
@@ -209,11 +236,61 @@ impl TensorBytes for Piece<'_> {
                 }
                 Ok(())
             }
-            Piece::Elems(p, range) => emit_data(
-                p.val().detach().slice_dim(0, range.clone()).into_data(),
-                sink,
-            ),
+            Piece::Elems(p, range) => {
+                if let Some(host) = HostView::of(p) {
+                    return sink(bytemuck::cast_slice(&host.values()[range.clone()]));
+                }
+                emit_data(
+                    p.val().detach().slice_dim(0, range.clone()).into_data(),
+                    sink,
+                )
+            }
             Piece::Bytes(b) => sink(b),
+        }
+    }
+}
+
+/// A parameter's f32 values where the backend keeps them in host memory as they are (flex, a
+/// contiguous buffer, a little-endian host), borrowed: saving reads them without asking the
+/// backend for a copy (burn-flex's copy of a view allocates and zeroes its output first, and
+/// a transposed view is copied again).
+struct HostView {
+    #[cfg(feature = "flex")]
+    tensor: burn::backend::flex::FlexTensor,
+    len: usize,
+}
+
+impl HostView {
+    fn of<const D: usize>(p: &Param<Tensor<D>>) -> Option<HostView> {
+        let t = p.val();
+        if t.dtype() != DType::F32
+            || !crate::device::is_flex(&t.device())
+            || cfg!(target_endian = "big")
+        {
+            return None;
+        }
+        let len = t.shape().num_elements();
+        #[cfg(feature = "flex")]
+        {
+            let tensor = t.inner().try_into_primitive::<burn::backend::Flex>().ok()?;
+            let whole = tensor.is_contiguous() && tensor.layout().start_offset() == 0;
+            whole.then_some(HostView { tensor, len })
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            let _ = len;
+            None
+        }
+    }
+
+    fn values(&self) -> &[f32] {
+        #[cfg(feature = "flex")]
+        {
+            &self.tensor.storage::<f32>()[..self.len]
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            unreachable!("no host view without flex")
         }
     }
 }
@@ -388,21 +465,22 @@ fn export_linear<'a>(
     }
 }
 
-/// A `[rows, cols]` host buffer as the `[cols, rows]` parameter on `device`: the backend
-/// transposes it (burn-flex: a tiled copy), and the parameter is contiguous, as one built from
-/// host values is.
-fn param2_transposed(
-    data: Vec<f32>,
-    [rows, cols]: [usize; 2],
-    device: &Device,
-) -> Param<Tensor<2>> {
-    let t = Tensor::<2>::from_data(TensorData::new(data, [rows, cols]), device).transpose();
-    Param::from_tensor(Tensor::from_data(t.into_data(), device))
+/// A `[rows, cols]` host buffer as the `[cols, rows]` parameter on `device`, transposed on the
+/// host ([`sepo_kernels::transpose`], on all threads) into the buffer the parameter keeps (on
+/// flex; other backends copy it to their device).
+fn param2_transposed(data: &[f32], [rows, cols]: [usize; 2], device: &Device) -> Param<Tensor<2>> {
+    debug_assert_eq!(data.len(), rows * cols);
+    let t = sepo_kernels::transpose(data, cols);
+    Param::from_tensor(Tensor::from_data(TensorData::new(t, [cols, rows]), device))
 }
 
 struct Reader<'a> {
     files: &'a mut WeightFiles,
     device: &'a Device,
+    /// The `[out, in]` weight of a linear as read, before its transpose: one buffer for all
+    /// of them, so that only the parameters' own memory is new (fresh pages cost a fault
+    /// each).
+    scratch: Vec<f32>,
 }
 
 impl Source for Reader<'_> {
@@ -412,7 +490,7 @@ impl Source for Reader<'_> {
 
     fn lm_head(&mut self, name: &str, vocab_hidden: [usize; 2]) -> Result<Param<Tensor<2>>> {
         let w = self.files.take(name, &vocab_hidden)?;
-        Ok(param2_transposed(w.data, vocab_hidden, self.device))
+        Ok(param2_transposed(&w.data, vocab_hidden, self.device))
     }
 
     fn tied_lm_head(&mut self, name: &str) {
@@ -422,7 +500,7 @@ impl Source for Reader<'_> {
     fn score(&mut self, name: &str, labels_hidden: [usize; 2]) -> Result<Linear> {
         let w = self.files.take(name, &labels_hidden)?;
         Ok(Linear {
-            weight: param2_transposed(w.data, labels_hidden, self.device),
+            weight: param2_transposed(&w.data, labels_hidden, self.device),
             bias: None,
         })
     }
@@ -431,7 +509,8 @@ impl Source for Reader<'_> {
     /// rows by `perm` (when given) and returns the `[in, out]` linear.
     fn linear(&mut self, l: &LinearLayout) -> Result<Linear> {
         let (total, in_dim, has_bias) = (l.out_dim(), l.in_dim, l.has_bias());
-        let mut w = vec![0f32; total * in_dim];
+        let mut w = std::mem::take(&mut self.scratch);
+        w.resize(total * in_dim, 0.0);
         let mut b = vec![0f32; if has_bias { total } else { 0 }];
         let mut row = 0;
         for p in &l.parts {
@@ -449,26 +528,23 @@ impl Source for Reader<'_> {
             }
             row += p.out;
         }
-        let (w, b) = match &l.perm {
-            Some(perm) => {
-                let mut pw = vec![0f32; w.len()];
-                for (r, &src) in perm.iter().enumerate() {
-                    pw[r * in_dim..(r + 1) * in_dim]
-                        .copy_from_slice(&w[src * in_dim..(src + 1) * in_dim]);
-                }
-                let pb = if has_bias {
-                    perm.iter().map(|&s| b[s]).collect()
-                } else {
-                    b
-                };
-                (pw, pb)
+        if let Some(perm) = &l.perm {
+            let mut pw = vec![0f32; w.len()];
+            for (r, &src) in perm.iter().enumerate() {
+                pw[r * in_dim..(r + 1) * in_dim]
+                    .copy_from_slice(&w[src * in_dim..(src + 1) * in_dim]);
             }
-            None => (w, b),
-        };
-        Ok(Linear {
-            weight: param2_transposed(w, [total, in_dim], self.device),
+            w = pw;
+            if has_bias {
+                b = perm.iter().map(|&s| b[s]).collect();
+            }
+        }
+        let linear = Linear {
+            weight: param2_transposed(&w, [total, in_dim], self.device),
             bias: has_bias.then(|| param1(HostTensor::new(vec![total], b), self.device)),
-        })
+        };
+        self.scratch = w;
+        Ok(linear)
     }
 
     fn norm(&mut self, n: &NormLayout) -> Result<Norm> {
@@ -650,7 +726,7 @@ impl Source for Init {
     fn score(&mut self, _: &str, labels_hidden: [usize; 2]) -> Result<Linear> {
         let w = self.normal(labels_hidden.to_vec());
         Ok(Linear {
-            weight: param2_transposed(w.data, labels_hidden, &self.device),
+            weight: param2_transposed(&w.data, labels_hidden, &self.device),
             bias: None,
         })
     }

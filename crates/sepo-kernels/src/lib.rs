@@ -37,6 +37,9 @@
 //!
 //! [`fill_normal`] and [`box_muller`]: the normal draws of fresh weights (see [`normal`]).
 //!
+//! [`transpose`](fn@transpose) and [`transpose_columns`]: a matrix, or a column range of it,
+//! as rows, for loading and saving weights (see [`transpose`](mod@transpose)).
+//!
 //! Every dependency (macerator, rayon, bytemuck, aligned-vec, chacha20, rand, rand_distr) is
 //! already compiled for burn at these versions and features: this crate adds none to the build.
 
@@ -49,6 +52,7 @@ pub mod normal;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
+pub mod transpose;
 
 pub use adamw::{AdamWScalars, adamw};
 pub use backward::causal_attention_backward;
@@ -57,6 +61,7 @@ pub use normal::{NORMAL_BLOCK, box_muller, fill_normal};
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::{QkvShape, heads_to_rows, merge_rope_grad, rows_to_heads, split_rope};
 pub use swiglu::{swiglu, swiglu_backward};
+pub use transpose::{transpose, transpose_columns};
 
 use aligned_vec::{AVec, ConstAlign};
 use bytemuck::Zeroable;
