@@ -11,7 +11,8 @@
 #
 # Usage: scripts/bench_score.sh [VENV]   (VENV: torch 2.9.0 + transformers; default .venv)
 # Env: REPS (default 3), PAIRS (default 199), THREADS (PyTorch threads, default 2; sepo uses all
-# cores, or RAYON_NUM_THREADS), KEEP=1 keeps the work folder.
+# cores, or RAYON_NUM_THREADS), KEEP=1 keeps the work folder, SEPO=path runs that binary (default:
+# the dev-profile build, built first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -22,8 +23,10 @@ THREADS="${THREADS:-2}"
 PY="$VENV/bin/python"
 [ -x "$PY" ] || { echo "no python at $PY (give a venv with torch and transformers)" >&2; exit 2; }
 
-cargo build -q
-SEPO="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sepo"
+if [ -z "${SEPO:-}" ]; then
+  cargo build -q
+  SEPO="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sepo"
+fi
 WORK="$(mktemp -d)"
 [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
 P="$WORK/p.yaml"

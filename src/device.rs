@@ -40,27 +40,47 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
-/// `f` over `items`, results in order: on flex two items at a time (`rayon::join`; each item's
-/// own operations still spread over idle threads), elsewhere one after another. For independent
-/// pieces of model work made of many small operations (generation, a token at a time; batches of
+/// `f` over `items`, results in order: on flex by two workers side by side (`rayon::join`; each
+/// item's own operations still spread over idle threads), each taking the next item not yet
+/// taken, in order, until none is left; elsewhere one after another. For independent pieces of
+/// model work made of many small operations (generation, a token at a time; batches of
 /// log-probs; a judge's scores), which burn-flex splits over rayon's threads with little gain:
 /// two side by side keep two cores busy (the main job's `evaluate` stage went from 7.6-8.0 s to
 /// 4.7-5.0 s, the long-sequence `score` benchmark from 31.3 s to 26.1 s). Two, not one per
 /// core, so that at most two models or batches are in memory at once; libtorch keeps its own
-/// threads busy, and a GPU its memory for one.
+/// threads busy, and a GPU its memory for one. Taking items as workers come free, rather than in
+/// fixed pairs, keeps both busy when items differ in cost (put the costliest first): a pair
+/// waited for its slower item, and an odd last item ran alone. After an error, no new item is
+/// started, and the first error in item order is returned.
 pub fn side_by_side<T: Sync, R: Send>(
     device: &Device,
     items: &[T],
     f: impl Fn(&T) -> Result<R> + Sync,
 ) -> Result<Vec<R>> {
-    let pairs = is_flex(device) && !device.is_autodiff() && rayon::current_num_threads() > 1;
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(if pairs { 2 } else { 1 }) {
-        let (a, b) = rayon::join(|| f(&chunk[0]), || chunk.get(1).map(&f).transpose());
-        out.push(a?);
-        out.extend(b?);
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let two = is_flex(device) && !device.is_autodiff() && rayon::current_num_threads() > 1;
+    if !two || items.len() < 2 {
+        return items.iter().map(f).collect();
     }
-    Ok(out)
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else {
+                return done;
+            };
+            let r = f(item);
+            if r.is_err() {
+                next.store(items.len(), Ordering::Relaxed);
+            }
+            done.push((i, r));
+        }
+    };
+    let (a, b) = rayon::join(worker, worker);
+    let mut all: Vec<(usize, Result<R>)> = a.into_iter().chain(b).collect();
+    all.sort_by_key(|&(i, _)| i);
+    all.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Whether `device` is flex, with or without autodiff. A match, not [`device_name`]'s

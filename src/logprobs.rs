@@ -159,7 +159,9 @@ pub fn compute(
     let mut rejected = vec![Vec::new(); rows.len()];
     // Two batches side by side on flex: a small model's operations keep one core busy each
     // better than both cores on one batch (each batch's log-probs are the same either way).
-    let chunks: Vec<&[(usize, bool, usize)]> = seqs.chunks(64).collect();
+    // The longest batches first, so that the two workers finish together: attention's cost
+    // grows with the square of the length.
+    let chunks: Vec<&[(usize, bool, usize)]> = seqs.chunks(64).rev().collect();
     let done = crate::device::side_by_side(device, &chunks, |chunk| {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = chunk
             .iter()
