@@ -11,6 +11,7 @@ pub mod config;
 pub mod generate;
 pub mod layout;
 pub mod log_softmax;
+pub mod matmul;
 pub mod precision;
 pub mod reward;
 pub mod rms_norm;

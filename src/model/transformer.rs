@@ -427,13 +427,16 @@ fn matmul_rows<const D: usize>(
 ) -> Tensor<D> {
     let (x, w, b) = (cast(x, dt), cast(w, dt), b.map(|b| cast(b, dt)));
     let dims = x.dims();
-    if D == 2 {
-        return linear(x, w, b);
-    }
     let d_in = dims[D - 1];
     let d_out = w.dims()[1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    let y = linear(x.reshape([rows, d_in]), w, b);
+    let x: Tensor<2> = x.reshape([rows, d_in]);
+    // Without gradients on flex, gemm straight into the output buffer (`super::matmul`).
+    let fast = match &b {
+        None => super::matmul::matmul(&x, &w),
+        Some(_) => None,
+    };
+    let y = fast.unwrap_or_else(|| linear(x, w, b));
     let mut out = dims;
     out[D - 1] = d_out;
     y.reshape(out)
