@@ -233,6 +233,37 @@ fn tch_cuda_count() -> usize {
 mod tests {
     use super::*;
 
+    /// Results come back in item order whichever worker ran what (items of very different
+    /// cost, in a pool of two threads), and an error is the first failing item's, in order.
+    #[test]
+    fn side_by_side_keeps_order_and_reports_the_first_error() {
+        let Ok(flex) = parse_device("flex") else {
+            return;
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let items: Vec<u64> = vec![30, 1, 1, 20, 1, 5, 1, 1, 1];
+        let spin = |ms: &u64| {
+            std::thread::sleep(std::time::Duration::from_millis(*ms));
+            Ok(*ms * 10)
+        };
+        let out = pool.install(|| side_by_side(&flex, &items, spin)).unwrap();
+        assert_eq!(out, items.iter().map(|m| m * 10).collect::<Vec<_>>());
+        let failing = |ms: &u64| -> Result<u64> {
+            std::thread::sleep(std::time::Duration::from_millis(*ms));
+            if *ms == 20 || *ms == 5 {
+                anyhow::bail!("item {ms} failed");
+            }
+            Ok(*ms)
+        };
+        let err = pool
+            .install(|| side_by_side(&flex, &items, failing))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "item 20 failed");
+    }
+
     #[test]
     fn parses_builtin_names() {
         #[cfg(feature = "flex")]
