@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod attention;
 pub mod config;
+pub mod fresh;
 pub mod generate;
 pub mod layout;
 pub mod log_softmax;
@@ -93,6 +94,25 @@ impl CausalLm {
         config.source.clear();
         let decoder = weights::init(&config, device, seed, sampler)?;
         Ok(CausalLm { decoder, config })
+    }
+
+    /// Writes the folder [`CausalLm::init_with`] (the ziggurat sampler) and then
+    /// [`CausalLm::save_as`] write, the same bytes, without building the model: each tensor is
+    /// drawn while the one before is written ([`fresh`]). Returns the config written.
+    pub fn save_fresh(
+        config: &ModelConfig,
+        seed: u64,
+        dir: &Path,
+        dtype: Precision,
+    ) -> Result<ModelConfig> {
+        let mut config = config.clone();
+        config.validate()?;
+        config.source.clear();
+        let json = config::with_dtype(config.to_hf_json(), dtype);
+        write_folder_with(dir, &json, |path| {
+            fresh::write_drawn(&config, seed, path, dtype)
+        })?;
+        Ok(config)
     }
 
     /// Writes `config.json` and `model.safetensors` (f32, Hugging Face names, sorted, metadata

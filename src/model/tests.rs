@@ -821,3 +821,67 @@ fn batched_generation_equals_one_prompt_at_a_time() {
         }
     }
 }
+
+/// The `model` stage's fresh weights written as they are drawn ([`fresh`]) are the bytes of
+/// drawing the model and saving it, on every family (tied and untied heads, q/k/v biases,
+/// LayerNorm biases, gpt_neox's rows stored per head), in f32 and bf16. Sizes above one
+/// normal-draw block (65,536) and one write chunk (1 MiB), so that buffers are drawn into again
+/// at other sizes.
+#[test]
+fn fresh_folder_is_the_drawn_model_saved() {
+    let device = cpu();
+    let root = tempfile::tempdir().unwrap();
+    let cases = [
+        (Architecture::Llama, false, Precision::F32),
+        (Architecture::Llama, true, Precision::Bf16),
+        (Architecture::Mistral, false, Precision::F32),
+        (Architecture::Qwen2, true, Precision::F32),
+        (Architecture::GptNeox, false, Precision::F32),
+        (Architecture::GptNeox, true, Precision::F16),
+    ];
+    for (i, (arch, tied, dtype)) in cases.into_iter().enumerate() {
+        let cfg = ModelConfig {
+            architecture: arch,
+            vocab_size: 2_100,
+            hidden_size: 64,
+            intermediate_size: Some(176),
+            num_hidden_layers: 3,
+            num_attention_heads: 4,
+            num_key_value_heads: if arch == Architecture::GptNeox {
+                None
+            } else {
+                Some(2)
+            },
+            tie_word_embeddings: tied,
+            initializer_range: 0.05,
+            ..Default::default()
+        };
+        let (saved, fresh) = (
+            root.path().join(format!("s{i}")),
+            root.path().join(format!("f{i}")),
+        );
+        let model = CausalLm::init_with(&cfg, &device, 17, InitSampler::Ziggurat).unwrap();
+        model.save_as(&saved, dtype).unwrap();
+        let written = CausalLm::save_fresh(&cfg, 17, &fresh, dtype).unwrap();
+        assert_eq!(&written, model.config(), "{arch:?}");
+        assert_eq!(written.num_params(), model.param_count(), "{arch:?}");
+        for f in ["model.safetensors", "config.json"] {
+            let (a, b) = (
+                std::fs::read(saved.join(f)).unwrap(),
+                std::fs::read(fresh.join(f)).unwrap(),
+            );
+            assert!(a == b, "{arch:?} tied {tied} {dtype:?}: {f} differs");
+        }
+    }
+    // A file that cannot be created is an error, and the drawing thread is let go.
+    let cfg = ModelConfig {
+        vocab_size: 300_000,
+        hidden_size: 16,
+        num_attention_heads: 2,
+        num_hidden_layers: 1,
+        ..Default::default()
+    };
+    let blocked = root.path().join("file");
+    std::fs::write(&blocked, "").unwrap();
+    assert!(CausalLm::save_fresh(&cfg, 1, &blocked.join("sub"), Precision::F32).is_err());
+}

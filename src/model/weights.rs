@@ -203,17 +203,7 @@ impl TensorBytes for Piece<'_> {
         match self {
             Piece::Columns(p, cols) => {
                 if let Some(host) = HostView::of(p) {
-                    // Transposed here, a piece at a time, into one buffer.
-                    let [rows, width] = p.val().dims();
-                    let step = (PIECE_BYTES / (4 * rows).max(1)).max(1);
-                    let mut buf = vec![0f32; step.min(cols.len()) * rows];
-                    for c in cols.clone().step_by(step) {
-                        let end = (c + step).min(cols.end);
-                        let out = &mut buf[..(end - c) * rows];
-                        sepo_kernels::transpose_columns(host.values(), width, c..end, out);
-                        sink(bytemuck::cast_slice(out))?;
-                    }
-                    return Ok(());
+                    return emit_columns(host.values(), p.val().dims(), cols.clone(), sink);
                 }
                 let w = p.val().detach();
                 let step = (PIECE_BYTES / (4 * w.dims()[0]).max(1)).max(1);
@@ -248,6 +238,26 @@ impl TensorBytes for Piece<'_> {
             Piece::Bytes(b) => sink(b),
         }
     }
+}
+
+/// Hands columns `cols` of the row-major `[rows, width]` host matrix `values` to `sink` as the
+/// rows of their transpose (f32, native byte order), transposed a piece of about
+/// [`PIECE_BYTES`] at a time into one buffer.
+pub(super) fn emit_columns(
+    values: &[f32],
+    [rows, width]: [usize; 2],
+    cols: Range<usize>,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let step = (PIECE_BYTES / (4 * rows).max(1)).max(1);
+    let mut buf = vec![0f32; step.min(cols.len()) * rows];
+    for c in cols.clone().step_by(step) {
+        let end = (c + step).min(cols.end);
+        let out = &mut buf[..(end - c) * rows];
+        sepo_kernels::transpose_columns(values, width, c..end, out);
+        sink(bytemuck::cast_slice(out))?;
+    }
+    Ok(())
 }
 
 /// A parameter's f32 values where the backend keeps them in host memory as they are (flex, a
