@@ -396,7 +396,12 @@ fn row_scores<S: Simd, const D: usize>(
     scores: &mut [Vector<S, f32>],
 ) -> f32 {
     let w = f32::lanes::<S>();
-    let qv: [Vector<S, f32>; D] = std::array::from_fn(|c| (q[c] * scale).splat::<S>());
+    // A plain loop, not `array::from_fn`: a closure is compiled without the dispatched
+    // instruction set.
+    let mut qv = [0f32.splat::<S>(); D];
+    for c in 0..D {
+        qv[c] = (q[c] * scale).splat::<S>();
+    }
     let mut vmax = f32::NEG_INFINITY.splat::<S>();
     for (j, (kb, s)) in kb.chunks_exact(D).zip(scores.iter_mut()).enumerate() {
         let kb: &[Vector<S, f32>; D] = kb.try_into().expect("a key block");
@@ -431,7 +436,30 @@ fn row_values<S: Simd, const D: usize>(
         *max = tile_max;
     }
     let m = max.splat::<S>();
-    for (vb, s) in vb.chunks_exact(D).zip(scores) {
+    let n = vb.len() / D;
+    let mut j = 0;
+    // Four vectors of keys a step, their exponentials first: one at a time, the polynomial's
+    // chain of dependent operations kept this CPU's two FMA ports from filling (the kernel was
+    // about 7% slower at 8-wide heads). The arithmetic per query is the same, in the same
+    // order. (A plain loop for `p`: a closure is compiled without the dispatched instruction
+    // set, and was 15 times slower.)
+    while j + UNROLL <= n {
+        let mut p = [m; UNROLL];
+        for u in 0..UNROLL {
+            p[u] = exp2::<S>(scores[j + u] - m);
+        }
+        for (u, p) in p.into_iter().enumerate() {
+            let v: &[Vector<S, f32>; D] = vb[(j + u) * D..(j + u + 1) * D]
+                .try_into()
+                .expect("a value block");
+            sv += p;
+            for (a, v) in av.iter_mut().zip(v) {
+                *a = p.mul_add(*v, *a);
+            }
+        }
+        j += UNROLL;
+    }
+    for (vb, s) in vb[j * D..].chunks_exact(D).zip(&scores[j..]) {
         let vb: &[Vector<S, f32>; D] = vb.try_into().expect("a value block");
         let p = exp2::<S>(*s - m);
         sv += p;
@@ -442,6 +470,9 @@ fn row_values<S: Simd, const D: usize>(
     *sum = sv;
     *acc = av;
 }
+
+/// Vectors of keys per step of [`row_values`].
+const UNROLL: usize = 4;
 
 /// `2^x` lane by lane for `x <= 0` (what softmax takes), 0 below -126 (f32's smallest normal
 /// exponent) and for -inf: `2^n * 2^f` with `n` the nearest integer and `f` in `[-0.5, 0.5]`,
