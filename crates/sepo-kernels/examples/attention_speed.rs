@@ -1,10 +1,13 @@
 //! Throughput of `causal_attention` on stories260K's attention shape (8 heads, 4 kv heads,
 //! head_dim 8) at the score benchmark's lengths: `cargo run -p sepo-kernels --example
-//! attention_speed [SEQ] [BATCH] [HEAD_DIM]`. Prints visible (query, key) pairs per second.
+//! attention_speed [SEQ] [BATCH] [HEAD_DIM] [backward]`. Prints visible (query, key) pairs per
+//! second, of the forward or (with `backward`) of the gradient (training).
 
 use std::time::Instant;
 
-use sepo_kernels::{AttentionShape, causal_attention};
+use sepo_kernels::{
+    AttentionShape, causal_attention, causal_attention_backward, causal_attention_lse,
+};
 
 fn main() {
     let arg = |i: usize, default: usize| {
@@ -30,14 +33,24 @@ fn main() {
     let kv = batch * 4 * seq * head_dim;
     let (k, v) = (fill(kv, 2), fill(kv, 3));
     let pairs = (batch * 8 * seq * (seq + 1) / 2) as f64;
+    let backward = std::env::args().nth(4).is_some_and(|a| a == "backward");
+    let (out, lse) = causal_attention_lse(&q, &k, &v, shape);
+    let dout = fill(q.len(), 4);
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t = Instant::now();
-        std::hint::black_box(causal_attention(&q, &k, &v, shape));
+        if backward {
+            std::hint::black_box(causal_attention_backward(
+                &q, &k, &v, &out, &dout, &lse, shape,
+            ));
+        } else {
+            std::hint::black_box(causal_attention(&q, &k, &v, shape));
+        }
         best = best.min(t.elapsed().as_secs_f64());
     }
+    let what = if backward { "backward" } else { "forward" };
     println!(
-        "seq {seq} batch {batch} d {head_dim}: {:.1} ms, {:.2} G pairs/s",
+        "{what} seq {seq} batch {batch} d {head_dim}: {:.1} ms, {:.2} G pairs/s",
         best * 1e3,
         pairs / best / 1e9
     );
