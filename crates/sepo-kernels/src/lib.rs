@@ -255,8 +255,10 @@ fn run<const D: usize>(
     if out.is_empty() {
         return (out, lse);
     }
-    // Keys and values per kv head as blocks of `w` keys (one vector), each `[D][w]`
-    // (channel-major), the last block zero-padded: block `j` of a head is `D` vectors.
+    // Keys per kv head as blocks of `w` keys (one vector), each `[D][w]` (channel-major), the
+    // last block zero-padded: block `j` of a head is `D` vectors. Values the same, or, for
+    // wide heads ([`wide`]), as rows `[key][D]` (zero-padded to whole blocks): block `j` is
+    // still `D` vectors.
     let w = AutoArch::new().dispatch(Lanes);
     let block = D * w;
     let per_head = keys.div_ceil(w) * block;
@@ -269,7 +271,11 @@ fn run<const D: usize>(
         .zip(k.par_chunks(keys * D).zip(v.par_chunks(keys * D)))
         .for_each(|((kt, vt), (k, v))| {
             to_blocks::<D>(k, w, kt);
-            to_blocks::<D>(v, w, vt);
+            if wide(D, w) {
+                vt[..v.len()].copy_from_slice(v);
+            } else {
+                to_blocks::<D>(v, w, vt);
+            }
         });
     // Scores in base 2: `exp(x / sqrt(d)) = 2^(x * log2(e) / sqrt(d))`, the factor on q.
     let scale = std::f32::consts::LOG2_E / (D as f32).sqrt();
@@ -348,9 +354,13 @@ impl<const D: usize> QueryBlock<'_, D> {
         let zero = Vector::<S, f32>::zeroed();
         // Per query: running maximum (base-2 score), per-lane sums of weights and of weighted
         // values (`D` vectors).
+        let wide = wide(D, w);
+        // Sums of weighted values per query: `D` vectors (a lane per key), or for wide heads
+        // `D / w` (a lane per channel).
+        let per_query = if wide { D / w } else { D };
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![zero; rows];
-        let mut acc = vec![zero; rows * D];
+        let mut acc = vec![zero; rows * per_query];
         let tile = tile_vecs(D, w);
         let mut scores = vec![zero; tile];
         let last_vec = (self.first + rows).div_ceil(w);
@@ -366,19 +376,31 @@ impl<const D: usize> QueryBlock<'_, D> {
                 let q: &[f32; D] = self.q[r * D..(r + 1) * D].try_into().expect("a query");
                 let kb = &kt[t0 * D..v1 * D];
                 let tile_max = row_scores::<S, D>(q, self.scale, kb, t0 * w, end, &mut scores);
-                let acc: &mut [Vector<S, f32>; D] = (&mut acc[r * D..(r + 1) * D])
-                    .try_into()
-                    .expect("a query's sums");
                 let vb = &vt[t0 * D..v1 * D];
-                row_values::<S, D>(vb, tile_max, &scores, &mut max[r], &mut sum[r], acc);
+                let acc = &mut acc[r * per_query..(r + 1) * per_query];
+                if wide {
+                    let running = (&mut max[r], &mut sum[r]);
+                    row_values_wide::<S, D>(vb, tile_max, &scores, running, acc);
+                } else {
+                    let acc: &mut [Vector<S, f32>; D] = acc.try_into().expect("a query's sums");
+                    row_values::<S, D>(vb, tile_max, &scores, &mut max[r], &mut sum[r], acc);
+                }
             }
         }
         for (r, o) in self.out.chunks_exact_mut(D).enumerate() {
             let total = sum[r].reduce_add();
             // Scores were in base 2, less the running maximum.
             self.lse[r] = (max[r] + total.log2()) * std::f32::consts::LN_2;
-            for (o, a) in o.iter_mut().zip(&acc[r * D..(r + 1) * D]) {
-                *o = a.reduce_add() / total;
+            let acc = &acc[r * per_query..(r + 1) * per_query];
+            if wide {
+                let acc: &[f32] = bytemuck::cast_slice(acc);
+                for (o, a) in o.iter_mut().zip(acc) {
+                    *o = a / total;
+                }
+            } else {
+                for (o, a) in o.iter_mut().zip(acc) {
+                    *o = a.reduce_add() / total;
+                }
             }
         }
     }
@@ -473,6 +495,53 @@ fn row_values<S: Simd, const D: usize>(
 
 /// Vectors of keys per step of [`row_values`].
 const UNROLL: usize = 4;
+
+/// Whether `d`-wide heads keep each query's weighted sums a lane per channel ([`row_values_wide`],
+/// `d / lanes` vectors) rather than a lane per key ([`row_values`], `d` vectors): from 32
+/// channels, `d` vectors per query no longer fit in registers and every key vector stored and
+/// reloaded them all.
+#[inline(always)]
+fn wide(d: usize, lanes: usize) -> bool {
+    d >= 32 && d.is_multiple_of(lanes)
+}
+
+/// [`row_values`] for wide heads ([`wide`]): the values `vb` are rows (`D / w` vectors per key),
+/// and each key's weight, broadcast, multiplies its row into `acc`, the query's sums a lane per
+/// channel.
+#[inline(always)]
+fn row_values_wide<S: Simd, const D: usize>(
+    vb: &[Vector<S, f32>],
+    tile_max: f32,
+    scores: &[Vector<S, f32>],
+    (max, sum): (&mut f32, &mut Vector<S, f32>),
+    acc: &mut [Vector<S, f32>],
+) {
+    let w = f32::lanes::<S>();
+    let per_key = D / w;
+    let mut sv = *sum;
+    if tile_max > *max {
+        // 0 on the first tile (max = -inf), when the sums are still 0.
+        let f = (*max - tile_max).exp2().splat::<S>();
+        sv *= f;
+        for a in acc.iter_mut() {
+            *a *= f;
+        }
+        *max = tile_max;
+    }
+    let m = max.splat::<S>();
+    for (vb, s) in vb.chunks_exact(D).zip(scores) {
+        let p = [exp2::<S>(*s - m)];
+        sv += p[0];
+        let weights: &[f32] = bytemuck::cast_slice(&p);
+        for (row, &p) in vb.chunks_exact(per_key).zip(weights) {
+            let p = p.splat::<S>();
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a = p.mul_add(*v, *a);
+            }
+        }
+    }
+    *sum = sv;
+}
 
 /// `2^x` lane by lane for `x <= 0` (what softmax takes), 0 below -126 (f32's smallest normal
 /// exponent) and for -inf: `2^n * 2^f` with `n` the nearest integer and `f` in `[-0.5, 0.5]`,
