@@ -17,8 +17,11 @@
 //! slice left length checks in the dev profile's loops: 1.75x slower). Keys and values are laid
 //! out transposed per vector of keys (`[d][lanes]`), so that the scores of `lanes` keys are `d`
 //! fused multiply-adds with broadcast query channels and the weighted values `d` more, with no
-//! horizontal work until a query's last tile. The exponential is a degree-6 polynomial for `2^x`
-//! (Cephes' `exp2f`, within 2 ulp), on scores pre-scaled by `log2(e)`.
+//! horizontal work until a query's last tile. Heads of 32 channels or more keep values as rows
+//! and each query's weighted sums a lane per channel (`d / lanes` vectors, which fit in
+//! registers where `d` did not): each key's weight, broadcast, multiplies its row in. The
+//! exponential is a degree-6 polynomial for `2^x` (Cephes' `exp2f`, within 2 ulp), on scores
+//! pre-scaled by `log2(e)`.
 //!
 //! [`gather_logprobs`] and its gradient: the log-softmax of each row of logits at one target
 //! column, a row at a time in cache, with the same exponential (see [`logprobs`]).
