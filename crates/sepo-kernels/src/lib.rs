@@ -451,16 +451,7 @@ fn row_values<S: Simd, const D: usize>(
     // Small heads keep their sums in registers through the tile.
     let mut sv = *sum;
     let mut av = *acc;
-    if tile_max > *max {
-        // 0 on the first tile (max = -inf), when the sums are still 0.
-        let f = (*max - tile_max).exp2().splat::<S>();
-        sv *= f;
-        for a in av.iter_mut() {
-            *a *= f;
-        }
-        *max = tile_max;
-    }
-    let m = max.splat::<S>();
+    let m = raise_max(tile_max, max, &mut sv, &mut av);
     let n = vb.len() / D;
     let mut j = 0;
     // Four vectors of keys a step, their exponentials first: one at a time, the polynomial's
@@ -499,6 +490,27 @@ fn row_values<S: Simd, const D: usize>(
 /// Vectors of keys per step of [`row_values`].
 const UNROLL: usize = 4;
 
+/// The online softmax's step to a new tile: when the tile's maximum `tile_max` exceeds the
+/// running one, the sums `sum` and `acc` are scaled to it; returns the running maximum, splat.
+#[inline(always)]
+fn raise_max<S: Simd>(
+    tile_max: f32,
+    max: &mut f32,
+    sum: &mut Vector<S, f32>,
+    acc: &mut [Vector<S, f32>],
+) -> Vector<S, f32> {
+    if tile_max > *max {
+        // 0 on the first tile (max = -inf), when the sums are still 0.
+        let f = (*max - tile_max).exp2().splat::<S>();
+        *sum *= f;
+        for a in acc.iter_mut() {
+            *a *= f;
+        }
+        *max = tile_max;
+    }
+    max.splat::<S>()
+}
+
 /// Whether `d`-wide heads keep each query's weighted sums a lane per channel ([`row_values_wide`],
 /// `d / lanes` vectors) rather than a lane per key ([`row_values`], `d` vectors): from 32
 /// channels, `d` vectors per query no longer fit in registers and every key vector stored and
@@ -522,16 +534,7 @@ fn row_values_wide<S: Simd, const D: usize>(
     let w = f32::lanes::<S>();
     let per_key = D / w;
     let mut sv = *sum;
-    if tile_max > *max {
-        // 0 on the first tile (max = -inf), when the sums are still 0.
-        let f = (*max - tile_max).exp2().splat::<S>();
-        sv *= f;
-        for a in acc.iter_mut() {
-            *a *= f;
-        }
-        *max = tile_max;
-    }
-    let m = max.splat::<S>();
+    let m = raise_max(tile_max, max, &mut sv, acc);
     for (vb, s) in vb.chunks_exact(D).zip(scores) {
         let p = [exp2::<S>(*s - m)];
         sv += p[0];
