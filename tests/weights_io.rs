@@ -299,3 +299,49 @@ stages:
         r.stderr
     );
 }
+
+/// A fresh model's folder holds the tokenizer stage's files byte for byte (copied unparsed: the
+/// vocabulary comes from the tokenizer's manifest) and the tokenizer's vocabulary size; a
+/// `vocab_size` below the tokenizer's is exit 2 naming both sizes.
+#[test]
+fn a_fresh_model_copies_its_tokenizer_and_refuses_a_smaller_vocabulary() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        common::data("tests/fixtures/hf/tiny-llama/tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let config = "architecture: llama, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 24";
+    let yaml = format!(
+        "stages:\n  tok: {{kind: tokenizer, path: tokenizer.json}}\n  m: {{kind: model, inputs: {{tokenizer: tok}}, config: {{{config}}}}}\n"
+    );
+    let p = pipeline(dir.path(), &yaml);
+    let r = sepo(&["run", &p, "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (tok, model) = (artifact_dir(&p, "tok"), artifact_dir(&p, "m").join("model"));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let (a, b) = (
+            std::fs::read(tok.join(f)).unwrap(),
+            std::fs::read(model.join(f)).unwrap(),
+        );
+        assert!(a == b, "{f} differs from the tokenizer stage's");
+    }
+    let json = |path: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let vocab = json(tok.join("manifest.json"))["stats"]["vocab_size"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(json(model.join("config.json"))["vocab_size"], vocab);
+
+    let small = pipeline(
+        dir.path(),
+        &format!(
+            "stages:\n  tok: {{kind: tokenizer, path: tokenizer.json}}\n  m: {{kind: model, inputs: {{tokenizer: tok}}, config: {{{config}, vocab_size: 10}}}}\n"
+        ),
+    );
+    let r = sepo(&["run", &small, "--quiet"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let want = format!("the tokenizer has {vocab} tokens but the model's vocabulary is 10");
+    assert!(r.stderr.contains(&want), "{}", r.stderr);
+}
