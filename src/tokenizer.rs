@@ -63,6 +63,16 @@ impl HfTokenizer {
             .collect()
     }
 
+    /// Copies the tokenizer files `from` holds ([`HfTokenizer::files_in`]), as they are, into
+    /// the folder `to`.
+    pub fn copy_files(from: &Path, to: &Path) -> Result<()> {
+        for src in Self::files_in(from) {
+            let name = src.file_name().expect("a file in the folder");
+            std::fs::copy(&src, to.join(name))?;
+        }
+        Ok(())
+    }
+
     /// Writes a tokenizer and its config into `dir` (the `tokenizer` stage's artifact).
     pub fn save(tok: &Tokenizer, config: &Value, dir: &Path) -> Result<()> {
         tok.save(dir.join(TOKENIZER_JSON), false)

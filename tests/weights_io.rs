@@ -233,17 +233,26 @@ stages:
 /// draws what `sepo_kernels::fill_normal` defines (the embedding is the first tensor drawn);
 /// `box-muller` rebuilds what sepo drew before `init` existed, byte for byte and under the same
 /// hash (both pinned from that build); `init` with `from:` is a planning error.
-#[test]
-fn init_ziggurat_is_the_default_and_box_muller_rebuilds_the_old_model() {
+/// A fresh model's `config:` keys (without braces): a one-layer, 16-wide Llama.
+const TINY_LLAMA: &str = "architecture: llama, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 24";
+
+/// A folder holding the tiny Llama fixture's tokenizer.json, for a pipeline beside it to name
+/// relatively: the hashes depend on the parameters and the file's bytes, not on where the
+/// checkout is.
+fn tiny_tokenizer_folder() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    // The tokenizer copied beside the pipeline and named relatively: the hashes depend on the
-    // parameters and the file's bytes, not on where the checkout is.
     std::fs::copy(
         common::data("tests/fixtures/hf/tiny-llama/tokenizer.json"),
         dir.path().join("tokenizer.json"),
     )
     .unwrap();
-    let config = "{architecture: llama, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 24}";
+    dir
+}
+
+#[test]
+fn init_ziggurat_is_the_default_and_box_muller_rebuilds_the_old_model() {
+    let dir = tiny_tokenizer_folder();
+    let config = format!("{{{TINY_LLAMA}}}");
     let yaml = format!(
         "seed: 3
 stages:
@@ -305,13 +314,8 @@ stages:
 /// `vocab_size` below the tokenizer's is exit 2 naming both sizes.
 #[test]
 fn a_fresh_model_copies_its_tokenizer_and_refuses_a_smaller_vocabulary() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        common::data("tests/fixtures/hf/tiny-llama/tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    let config = "architecture: llama, hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 24";
+    let dir = tiny_tokenizer_folder();
+    let config = TINY_LLAMA;
     let yaml = format!(
         "stages:\n  tok: {{kind: tokenizer, path: tokenizer.json}}\n  m: {{kind: model, inputs: {{tokenizer: tok}}, config: {{{config}}}}}\n"
     );

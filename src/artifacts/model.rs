@@ -114,11 +114,7 @@ impl ModelDir {
 
     /// Copies the tokenizer files present here, as they are, into the model folder `dest`.
     pub fn copy_tokenizer_to(&self, dest: &ModelDir) -> Result<()> {
-        for src in HfTokenizer::files_in(&self.dir) {
-            let name = src.file_name().expect("a file in the folder");
-            std::fs::copy(&src, dest.dir.join(name))?;
-        }
-        Ok(())
+        HfTokenizer::copy_files(&self.dir, &dest.dir)
     }
 
     /// config.json's `vocab_size` and the content hash of tokenizer.json (empty when absent).

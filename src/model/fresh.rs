@@ -25,7 +25,7 @@ use super::config::ModelConfig;
 use super::layout::{Head, Layout, LinearLayout, NormLayout};
 use super::precision::Precision;
 use super::safetensors_io::{self, Streamed, TensorBytes, Written};
-use super::weights::emit_columns;
+use super::weights::{emit_columns, to_stored_rows};
 
 /// One draw: what [`super::weights::Init::normal`] draws for one decoder parameter.
 struct Draw {
@@ -228,11 +228,9 @@ impl Shared<'_> {
         let mut buf = self.buffer(n);
         sepo_kernels::fill_normal(seed, tensor, std, &mut buf[..n]);
         let Some(perm) = perm else { return buf };
-        // Decoder column r is stored row perm[r].
+        // Decoder column r, transposed, is stored row perm[r].
         let t = sepo_kernels::transpose(&buf[..n], cols);
-        for (r, &to) in perm.iter().enumerate() {
-            buf[to * rows..(to + 1) * rows].copy_from_slice(&t[r * rows..(r + 1) * rows]);
-        }
+        to_stored_rows(&t, rows, perm, &mut buf[..n]);
         buf
     }
 

@@ -88,10 +88,7 @@ impl CausalLm {
         seed: u64,
         sampler: InitSampler,
     ) -> Result<Self> {
-        let mut config = config.clone();
-        config.validate()?;
-        // A fresh model owes nothing to any source config.json.
-        config.source.clear();
+        let config = fresh_config(config)?;
         let decoder = weights::init(&config, device, seed, sampler)?;
         Ok(CausalLm { decoder, config })
     }
@@ -105,9 +102,7 @@ impl CausalLm {
         dir: &Path,
         dtype: Precision,
     ) -> Result<ModelConfig> {
-        let mut config = config.clone();
-        config.validate()?;
-        config.source.clear();
+        let config = fresh_config(config)?;
         let json = config::with_dtype(config.to_hf_json(), dtype);
         write_folder_with(dir, &json, |path| {
             fresh::write_drawn(&config, seed, path, dtype)
@@ -393,6 +388,15 @@ impl CausalLm {
     pub fn param_count(&self) -> usize {
         self.num_params()
     }
+}
+
+/// The config of a fresh model of `config`: validated, and owing nothing to any source
+/// config.json.
+fn fresh_config(config: &ModelConfig) -> Result<ModelConfig> {
+    let mut config = config.clone();
+    config.validate()?;
+    config.source.clear();
+    Ok(config)
 }
 
 /// Writes a model folder: `model.safetensors` (as `dtype`, sorted, metadata `{"format":"pt"}`)

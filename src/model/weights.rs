@@ -449,13 +449,12 @@ fn export_linear<'a>(
     let b = lin.bias.as_ref().map(|b| bytes(Piece::Elems(b, 0..total)));
     let row = 4 * in_dim;
     let mut uw = vec![0u8; w.len()];
-    let mut ub = b.as_ref().map(|b| vec![0u8; b.len()]);
-    for (r, &src) in perm.iter().enumerate() {
-        uw[src * row..(src + 1) * row].copy_from_slice(&w[r * row..(r + 1) * row]);
-        if let (Some(ub), Some(b)) = (ub.as_mut(), b.as_ref()) {
-            ub[4 * src..4 * src + 4].copy_from_slice(&b[4 * r..4 * r + 4]);
-        }
-    }
+    to_stored_rows(&w, row, perm, &mut uw);
+    let ub = b.as_ref().map(|b| {
+        let mut ub = vec![0u8; b.len()];
+        to_stored_rows(b, 4, perm, &mut ub);
+        ub
+    });
     let mut start = 0;
     for p in &l.parts {
         let rows = start..start + p.out;
@@ -472,6 +471,14 @@ fn export_linear<'a>(
             ));
         }
         start += p.out;
+    }
+}
+
+/// Rows of `row` values in the decoder's order into `stored`, the order a row-permuted layout
+/// keeps ([`LinearLayout::perm`]): decoder row `r` is stored row `perm[r]`.
+pub(super) fn to_stored_rows<T: Copy>(decoder: &[T], row: usize, perm: &[usize], stored: &mut [T]) {
+    for (r, &to) in perm.iter().enumerate() {
+        stored[to * row..(to + 1) * row].copy_from_slice(&decoder[r * row..(r + 1) * row]);
     }
 }
 

@@ -308,13 +308,7 @@ impl<'a> TokenizerInput<'a> {
 
     fn write_to(&self, dir: &Path) -> Result<()> {
         match self {
-            TokenizerInput::Recorded(a, _) => {
-                for src in HfTokenizer::files_in(&a.dir) {
-                    let name = src.file_name().expect("a file in the folder");
-                    std::fs::copy(&src, dir.join(name))?;
-                }
-                Ok(())
-            }
+            TokenizerInput::Recorded(a, _) => HfTokenizer::copy_files(&a.dir, dir),
             TokenizerInput::Parsed(t) => t.write_to(dir),
         }
     }
