@@ -7,7 +7,11 @@
 #   VENV: a venv with torch and safetensors (default ~/.cache/sepo-ci/venv-torch-2.9.0).
 #   REPS=3 (repetitions, medians printed), CKPT=1 (also a two-step train with a checkpoint,
 #   interrupted after step 1 and resumed: checkpoint save and load), SEPO=path (default: the
-#   dev-profile build, $CARGO_TARGET_DIR or target, built first unless SEPO is given).
+#   dev-profile build, $CARGO_TARGET_DIR or target, built first unless SEPO is given),
+#   DROP=1 (before each sepo run and each Python run, write back and drop the page cache: needs
+#   root. On the 2-core VM of the README's figures, a large write soon after other large
+#   writes often crawls, for sepo and Python alike, so without it the repetitions after the
+#   first measure that VM more than the program).
 # The model: Llama, hidden 768, 12 layers, 12 heads, MLP 3072, the Llama-2 vocabulary (32000):
 # 162.4M parameters, a 650 MB model.safetensors. Prints one line per run, then the medians.
 set -euo pipefail
@@ -16,6 +20,7 @@ ROOT="$PWD"
 VENV="${1:-$HOME/.cache/sepo-ci/venv-torch-2.9.0}"
 REPS="${REPS:-3}"
 CKPT="${CKPT:-0}"
+DROP="${DROP:-0}"
 if [ -z "${SEPO:-}" ]; then
   cargo build -q
   SEPO="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sepo"
@@ -42,7 +47,14 @@ RES="$WORK/results"
 # `STAGE: N steps, T tokens in Xs`.
 stage_s() { sed -n "s/^  done   $1 (.*) in \([0-9.]*\)s$/\1/p" "$2" | tail -1; }
 train_s() { sed -n "s/^ *$1: [0-9]* steps, .* in \([0-9.]*\)s .*/\1/p" "$2" | tail -1; }
+settle() {
+  if [ "$DROP" = 1 ]; then
+    sync
+    echo 1 >/proc/sys/vm/drop_caches || { echo "DROP=1: cannot drop the page cache (root?)" >&2; exit 2; }
+  fi
+}
 for rep in $(seq "$REPS"); do
+  settle
   C="$WORK/cache"
   rm -rf "$C"
   "$SEPO" run "$WORK/p.yaml" --cache "$C" --stage tokens -q
@@ -68,6 +80,7 @@ for rep in $(seq "$REPS"); do
   echo "$line (load $(cut -d' ' -f1 /proc/loadavg))" | tee -a "$RES"
   rm -rf "$C"
   if [ -x "$VENV/bin/python" ]; then
+    settle
     "$VENV/bin/python" scripts/bench_weights.py "$WORK/py" 768 12 12 3072 32000 1 | tee -a "$RES"
   fi
 done
