@@ -104,8 +104,13 @@ impl Ahead {
     }
 
     fn refill(&mut self) {
+        // `fill_bytes` writes each word little-endian; `from_le` reads them back on any host
+        // (and compiles to nothing on little-endian ones).
         self.rng
             .fill_bytes(bytemuck::cast_slice_mut(self.buf.as_mut_slice()));
+        for w in &mut self.buf {
+            *w = u32::from_le(*w);
+        }
         self.pos = 0;
     }
 }
