@@ -267,6 +267,80 @@ impl CausalLm {
         Ok(out)
     }
 
+    /// Whether [`CausalLm::shared_prompt_logprobs`] runs its forwards through the fused
+    /// attention layer on `device` (flex, f32, rotary, no sliding window, a head width the
+    /// kernel has): only there does running a prompt once save more than the cache costs (the
+    /// composed layer's copies ate the saving: same time, 2026-11-28).
+    pub fn shares_prompts(&self, device: &Device) -> bool {
+        let sp = &self.decoder.spec;
+        !device.is_autodiff()
+            && sp.precision.is_f32()
+            && sp.rot_dim > 0
+            && sp.window.is_none()
+            && attention::qkv::usable(device, sp.head_dim)
+    }
+
+    /// The log-probs of each of `responses` after `prompt`, the values
+    /// [`CausalLm::response_logprobs`] gives each `(prompt, response)`, with the prompt run
+    /// once: all but its last token into a key/value cache, then each response (after the
+    /// prompt's last token) continuing that cache. One response at a time: batched, the shorter
+    /// one's padding would cost more attention than the prompt saves. No gradient; the prompt
+    /// must not be empty.
+    pub fn shared_prompt_logprobs(
+        &self,
+        prompt: &[u32],
+        responses: &[&[u32]],
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
+        let model = self.valid();
+        let device = device.clone().without_autodiff();
+        let vocab = self.config.vocab_size;
+        let Some((&last, prefix)) = prompt.split_last() else {
+            bail!("empty prompt (the first response token needs a context)");
+        };
+        if let Some(bad) = prompt
+            .iter()
+            .chain(responses.iter().copied().flatten())
+            .find(|&&t| t as usize >= vocab)
+        {
+            bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let ids = |t: Vec<i64>| {
+            let n = t.len();
+            Tensor::<2, Int>::from_data(TensorData::new(t, [1, n]), &device)
+        };
+        let mut cache = KvCache::new();
+        if !prefix.is_empty() {
+            let prefix = prefix.iter().map(|&t| t as i64).collect();
+            model.decoder.forward_hidden(ids(prefix), Some(&mut cache));
+        }
+        let h = self.config.hidden_size;
+        let mut out = Vec::with_capacity(responses.len());
+        for r in responses {
+            if r.is_empty() {
+                out.push(Vec::new());
+                continue;
+            }
+            // The prompt's last token, then the response but its last token: position `j`
+            // predicts response token `j`.
+            let input = std::iter::once(last)
+                .chain(r[..r.len() - 1].iter().copied())
+                .map(|t| t as i64)
+                .collect();
+            let mut cache = cache.clone();
+            let hidden = model.decoder.forward_hidden(ids(input), Some(&mut cache));
+            let n = r.len();
+            let logits = model.decoder.logits(hidden.reshape([1, n, h]));
+            let targets = ids(r.iter().map(|&t| t as i64).collect());
+            let lp = gather_logprobs(logits, targets)
+                .reshape([n])
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow::anyhow!("reading log-probs back: {e:?}"))?;
+            out.push(lp);
+        }
+        Ok(out)
+    }
+
     /// Continues `prompt_ids` with a key/value cache: greedy when `temperature` is 0, else
     /// seeded temperature / top-p sampling. Returns the new tokens, ending with EOS when it
     /// stopped there, and never more than fit in the model's context

@@ -240,6 +240,15 @@ fn logprobs_match_transformers() {
                 d <= 1e-5,
                 "{name} case {i}: batched vs unbatched differ by {d}"
             );
+            // ... and the prompt run once into a cache (scoring's shared prompts).
+            let shared = model
+                .shared_prompt_logprobs(&pairs[i].0, &[&pairs[i].1], &device)
+                .unwrap();
+            let d = max_abs_diff(&shared[0], &case.logprobs);
+            assert!(
+                d <= 1e-4,
+                "{name} case {i}: shared prompt vs transformers {d}"
+            );
         }
         if let Some(want) = &fx.logits_first_case_last_pos {
             let c = &fx.cases[0];
@@ -548,6 +557,81 @@ fn gradients_flow_on_autodiff_device() {
             .unwrap();
         assert_eq!(out.len(), 3);
     }
+}
+
+/// A prompt run once into a key/value cache and continued by each answer gives each answer the
+/// log-probs of the batched path: grouped-query heads 8 wide (the kernel's shape for
+/// stories260K), qwen2's biases and one kv head, gpt_neox's partial rotary and parallel residual;
+/// a one-token prompt (nothing cached), answers of other lengths, an empty answer. On flex the
+/// cached forwards go through the fused layer (`shares_prompts`); a sliding window and an
+/// autodiff device do not share.
+#[test]
+fn shared_prompts_give_each_answer_its_logprobs() {
+    let device = cpu();
+    let base = ModelConfig {
+        vocab_size: 40,
+        hidden_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 8,
+        num_key_value_heads: Some(4),
+        initializer_range: 0.2,
+        ..Default::default()
+    };
+    let configs = [
+        ModelConfig {
+            architecture: Architecture::Llama,
+            ..base.clone()
+        },
+        ModelConfig {
+            architecture: Architecture::Qwen2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(1),
+            ..base.clone()
+        },
+        ModelConfig {
+            architecture: Architecture::GptNeox,
+            hidden_size: 32,
+            num_attention_heads: 2,
+            num_key_value_heads: None,
+            partial_rotary_factor: Some(0.25),
+            use_parallel_residual: true,
+            ..base.clone()
+        },
+    ];
+    let fast = crate::device::is_flex(&device) && sepo_kernels::accelerated();
+    for cfg in configs {
+        let arch = cfg.architecture;
+        let model = CausalLm::init(&cfg, &device, 5).unwrap();
+        assert_eq!(model.shares_prompts(&device), fast, "{arch:?}");
+        for prompt in [vec![1u32, 5, 7, 2, 9, 30, 4], vec![3]] {
+            let answers: [Vec<u32>; 3] = [vec![3, 9, 11, 2, 8], vec![8, 1], vec![]];
+            let refs: Vec<&[u32]> = answers.iter().map(Vec::as_slice).collect();
+            let shared = model
+                .shared_prompt_logprobs(&prompt, &refs, &device)
+                .unwrap();
+            let pairs: Vec<(Vec<u32>, Vec<u32>)> = answers
+                .iter()
+                .map(|a| (prompt.clone(), a.clone()))
+                .collect();
+            let batched = model.response_logprobs(&pairs, &device).unwrap();
+            for (i, (s, b)) in shared.iter().zip(&batched).enumerate() {
+                let d = max_abs_diff(s, b);
+                assert!(d <= 1e-5, "{arch:?} prompt {prompt:?} answer {i}: {d}");
+            }
+        }
+    }
+    let windowed = ModelConfig {
+        architecture: Architecture::Mistral,
+        sliding_window: Some(4),
+        ..base
+    };
+    let model = CausalLm::init(&windowed, &device, 5).unwrap();
+    assert!(!model.shares_prompts(&device));
+    assert!(!model.shares_prompts(&device.clone().autodiff()));
+    let err = model
+        .shared_prompt_logprobs(&[], &[&[1]], &device)
+        .unwrap_err();
+    assert!(err.to_string().contains("empty prompt"), "{err:#}");
 }
 
 #[test]

@@ -229,10 +229,12 @@ impl Decoder {
         // A plain causal product in f32 on flex (training, score, reference log-probs, evaluate
         // prompts): the whole layer from the q/k/v projection as one operation with its own
         // backward (super::attention::qkv), with the tables `[seq, rot]`.
-        let fused = (cache.is_none()
-            && mask.is_none()
+        // With a cache and no gradient, the same layer continuing the cache
+        // (super::attention::inference::qkv_cached): scoring's shared prompts, generation.
+        let fused = (mask.is_none()
             && dt.is_none()
             && sp.rot_dim > 0
+            && (cache.is_none() || !device.is_autodiff())
             && super::attention::qkv::usable(&device, hd))
         .then(|| {
             let table = |t: &Tensor<4>| t.clone().reshape([seq, sp.rot_dim]);
@@ -242,9 +244,19 @@ impl Decoder {
             let h = blk.ln1.forward(x.clone());
             // Rotary embeddings and the cache stay f32 (autocast promotes q/k to f32 there).
             let qkv = to_f32(blk.qkv.forward_as(h, dt));
-            let att = match &fused {
-                Some((cos, sin)) => super::attention::qkv::attention(qkv, cos, sin, nh, nkv),
-                None => self.composed_attention(
+            let att = match (&fused, cache.as_deref_mut()) {
+                (Some((cos, sin)), None) => {
+                    super::attention::qkv::attention(qkv, cos, sin, nh, nkv)
+                }
+                (Some((cos, sin)), Some(c)) => super::attention::inference::qkv_cached(
+                    qkv,
+                    cos,
+                    sin,
+                    nh,
+                    nkv,
+                    &mut c.layers[li],
+                ),
+                (None, _) => self.composed_attention(
                     li,
                     qkv,
                     (&cos, &sin),
@@ -273,8 +285,9 @@ impl Decoder {
     /// Block `li`'s attention output `[batch, seq, heads * head_dim]` from its q/k/v projection,
     /// composed from burn's ops: the split into heads, the rotary embedding with the tables
     /// `(cos, sin)`, the cache (extended by these positions), key/value heads repeated, and
-    /// [`attend`] in the compute precision. Every forward that [`super::attention::qkv`] does
-    /// not take (a cache, a mask, mixed precision, a backend or head width without the kernel).
+    /// [`attend`] in the compute precision. Every forward that [`super::attention::qkv`] and
+    /// [`super::attention::inference::qkv_cached`] do not take (a mask, mixed precision, a cache
+    /// under autodiff, a backend or head width without the kernel).
     fn composed_attention(
         &self,
         li: usize,

@@ -64,6 +64,77 @@ pub(crate) fn causal(
     ))
 }
 
+/// A whole attention layer continuing a key/value cache, from the fused `[q | k | v]`
+/// projection `qkv` `[batch, seq, (heads + 2 kv_heads) * d]` (f32, no gradient) at positions
+/// `layer`'s length onward, rotated by `cos` and `sin` `[seq, rot]`: what
+/// [`super::qkv::attention`] does for a plain causal product, with the cached keys and values in
+/// front. `layer` (`[batch, kv_heads, len, d]` each, rotated) is extended by these positions.
+/// Returns `[batch, seq, heads * d]`. Only where [`super::qkv::usable`] and without autodiff.
+pub(crate) fn qkv_cached(
+    qkv: Tensor<3>,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+    heads: usize,
+    kv_heads: usize,
+    layer: &mut Option<(Tensor<4>, Tensor<4>)>,
+) -> Tensor<3> {
+    let device = qkv.device();
+    let [batch, seq, width] = qkv.dims();
+    let head_dim = width / (heads + 2 * kv_heads);
+    let split = sepo_kernels::QkvShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        rot: cos.dims()[1],
+    };
+    let data = [
+        qkv.into_data(),
+        cos.clone().into_data(),
+        sin.clone().into_data(),
+    ];
+    let [qkv, cos, sin] = [&data[0], &data[1], &data[2]].map(f32s);
+    let (q, k, v) = sepo_kernels::split_rope(&qkv, &cos, &sin, split);
+    let past = layer.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+    // Each row's and head's cached positions, then these.
+    let join = |cached: Option<&Tensor<4>>, new: Vec<f32>| -> Vec<f32> {
+        let Some(cached) = cached else { return new };
+        let cached = cached.clone().into_data();
+        let cached = f32s(&cached);
+        let (old, add) = (past * head_dim, seq * head_dim);
+        let mut all = Vec::with_capacity(cached.len() + new.len());
+        for (o, n) in cached.chunks_exact(old).zip(new.chunks_exact(add)) {
+            all.extend_from_slice(o);
+            all.extend_from_slice(n);
+        }
+        all
+    };
+    let k = join(layer.as_ref().map(|(k, _)| k), k);
+    let v = join(layer.as_ref().map(|(_, v)| v), v);
+    let shape = sepo_kernels::AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        seq,
+        past,
+        head_dim,
+    };
+    #[cfg(test)]
+    count_kernel_call();
+    let out = sepo_kernels::causal_attention(&q, &k, &v, shape);
+    let rows = sepo_kernels::heads_to_rows(&out, batch, heads, seq, head_dim);
+    let kv_shape = [batch, kv_heads, past + seq, head_dim];
+    *layer = Some((
+        Tensor::from_data(TensorData::new(k, kv_shape), &device),
+        Tensor::from_data(TensorData::new(v, kv_shape), &device),
+    ));
+    Tensor::from_data(
+        TensorData::new(rows, [batch, seq, heads * head_dim]),
+        &device,
+    )
+}
+
 /// Test hook: whether a test asked for burn's attention only (the reference path).
 #[cfg(test)]
 pub(super) fn burn_only() -> bool {

@@ -18,8 +18,9 @@
 //! one log-denominator per query, so it does not run the attention's forward again. It applies
 //! where the kernel does: flex, f32, a supported head width, a CPU with the kernel's
 //! instructions, and a plain causal product (no cache, no mask); the decoder composes the layer
-//! otherwise ([`usable`]). The test below checks values and gradients against the
-//! composed layer.
+//! otherwise ([`usable`]), except for a cache without gradients, which
+//! [`super::inference::qkv_cached`] continues through the same split and kernel. The test below
+//! checks values and gradients against the composed layer.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
