@@ -150,9 +150,29 @@ pub fn compute(
         (rows.len() * 2) as u64,
         "responses",
     );
-    if lm.shares_prompts(device) {
-        return shared_prompts(lm, rows, device, &bar);
-    }
+    let (chosen, rejected) = if lm.shares_prompts(device) {
+        shared_prompts(lm, rows, device, &bar)?
+    } else {
+        batched(lm, rows, device, &bar)?
+    };
+    bar.finish();
+    Ok(Logprobs {
+        ids: rows.iter().map(|r| r.id.clone()).collect(),
+        chosen,
+        rejected,
+    })
+}
+
+/// Chosen and rejected log-probs per row.
+type Answers = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// [`compute`] in length-sorted batches of chosen and rejected sequences.
+fn batched(
+    lm: &crate::model::CausalLm,
+    rows: &[TokenRow],
+    device: &burn::tensor::Device,
+    bar: &crate::progress::Bar,
+) -> Result<Answers> {
     let mut seqs: Vec<(usize, bool, usize)> = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         seqs.push((i, true, r.prompt_ids.len() + r.chosen_ids.len()));
@@ -195,12 +215,7 @@ pub fn compute(
             }
         }
     }
-    bar.finish();
-    Ok(Logprobs {
-        ids: rows.iter().map(|r| r.id.clone()).collect(),
-        chosen,
-        rejected,
-    })
+    Ok((chosen, rejected))
 }
 
 fn write(lp: &Logprobs, path: &Path) -> Result<()> {
@@ -234,7 +249,7 @@ fn shared_prompts(
     rows: &[TokenRow],
     device: &burn::tensor::Device,
     bar: &crate::progress::Bar,
-) -> Result<Logprobs> {
+) -> Result<Answers> {
     let mut order: Vec<usize> = (0..rows.len()).collect();
     let work = |r: &TokenRow| r.prompt_ids.len() + r.chosen_ids.len() + r.rejected_ids.len();
     order.sort_by_key(|&i| std::cmp::Reverse(work(&rows[i])));
@@ -254,10 +269,5 @@ fn shared_prompts(
         chosen[i] = c;
         rejected[i] = r;
     }
-    bar.finish();
-    Ok(Logprobs {
-        ids: rows.iter().map(|r| r.id.clone()).collect(),
-        chosen,
-        rejected,
-    })
+    Ok((chosen, rejected))
 }
