@@ -99,9 +99,14 @@ pub(crate) fn qkv_cached(
     let past = layer.as_ref().map_or(0, |(k, _)| k.dims()[2]);
     // Each row's and head's cached positions, then these.
     let join = |cached: Option<&Tensor<4>>, new: Vec<f32>| -> Vec<f32> {
-        let Some(cached) = cached else { return new };
+        let Some(cached) = cached.filter(|_| past > 0) else {
+            return new;
+        };
         let cached = cached.clone().into_data();
         let cached = f32s(&cached);
+        if seq == 0 {
+            return cached.into_owned();
+        }
         let (old, add) = (past * head_dim, seq * head_dim);
         let mut all = Vec::with_capacity(cached.len() + new.len());
         for (o, n) in cached.chunks_exact(old).zip(new.chunks_exact(add)) {
@@ -250,6 +255,30 @@ mod tests {
             let shape = (batch, heads, kv_heads, seq, past, d);
             assert!(diff <= 1e-5, "{shape:?}: differs by {diff}");
         }
+    }
+
+    /// A cache holding no positions yet continues like no cache, and an empty step leaves it as
+    /// it was.
+    #[test]
+    fn qkv_cached_takes_empty_caches_and_empty_steps() {
+        let Some(device) = flex() else { return };
+        let (heads, kv_heads, d, seq) = (4, 2, 8, 5);
+        let width = (heads + 2 * kv_heads) * d;
+        let qkv = random([1, 1, seq, width], 7, 1.0, &device).reshape([1, seq, width]);
+        let table = |v: f32| Tensor::<2>::full([seq, d], v, &device);
+        let (cos, sin) = (table(1.0), table(0.0));
+        let mut none = None;
+        let want = super::qkv_cached(qkv.clone(), &cos, &sin, heads, kv_heads, &mut none);
+        let empty = Tensor::<4>::zeros([1, kv_heads, 0, d], &device);
+        let mut layer = Some((empty.clone(), empty));
+        let got = super::qkv_cached(qkv, &cos, &sin, heads, kv_heads, &mut layer);
+        assert_eq!(got.into_data(), want.into_data());
+        let (k, _) = layer.clone().unwrap();
+        let step = Tensor::<3>::zeros([1, 0, width], &device);
+        let no_rows = Tensor::<2>::zeros([0, d], &device);
+        let out = super::qkv_cached(step, &no_rows, &no_rows, heads, kv_heads, &mut layer);
+        assert_eq!(out.dims(), [1, 0, heads * d]);
+        assert_eq!(layer.unwrap().0.into_data(), k.into_data());
     }
 
     /// Training keeps burn's attention: on an autodiff device (and for a head width the kernel
