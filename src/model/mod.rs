@@ -170,8 +170,18 @@ impl CausalLm {
     /// Differentiable. Targets must be valid ids (use any id, e.g. 0, at padded positions and
     /// mask those out).
     pub fn token_logprobs(&self, input_ids: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<2> {
-        let logits = self.forward(input_ids);
-        gather_logprobs(logits, targets)
+        self.token_logprobs_after(input_ids, targets, None)
+    }
+
+    /// [`CausalLm::token_logprobs`] with the inputs continuing `cache` (extended by them).
+    fn token_logprobs_after(
+        &self,
+        input_ids: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<2> {
+        let hidden = self.decoder.forward_hidden(input_ids, cache);
+        gather_logprobs(self.decoder.logits(hidden), targets)
     }
 
     /// Like [`CausalLm::token_logprobs`] but only at some positions, which saves the output
@@ -205,12 +215,7 @@ impl CausalLm {
         let device = device.clone().without_autodiff();
         let vocab = self.config.vocab_size;
         for (i, (p, r)) in pairs.iter().enumerate() {
-            if p.is_empty() {
-                bail!("pair {i}: empty prompt (the first response token needs a context)");
-            }
-            if let Some(bad) = p.iter().chain(r).find(|&&t| t as usize >= vocab) {
-                bail!("pair {i}: token id {bad} is outside the vocabulary of {vocab}");
-            }
+            check_scorable(p, &[r], vocab).map_err(|e| anyhow::anyhow!("pair {i}: {e}"))?;
         }
         let mut out = Vec::with_capacity(pairs.len());
         let mut start = 0;
@@ -272,12 +277,7 @@ impl CausalLm {
     /// kernel has): only there does running a prompt once save more than the cache costs (the
     /// composed layer's copies ate the saving: same time, 2026-11-28).
     pub fn shares_prompts(&self, device: &Device) -> bool {
-        let sp = &self.decoder.spec;
-        !device.is_autodiff()
-            && sp.precision.is_f32()
-            && sp.rot_dim > 0
-            && sp.window.is_none()
-            && attention::qkv::usable(device, sp.head_dim)
+        self.decoder.spec.window.is_none() && self.decoder.fuses_attention(device, true)
     }
 
     /// The log-probs of each of `responses` after `prompt`, the values
@@ -294,17 +294,8 @@ impl CausalLm {
     ) -> Result<Vec<Vec<f32>>> {
         let model = self.valid();
         let device = device.clone().without_autodiff();
-        let vocab = self.config.vocab_size;
-        let Some((&last, prefix)) = prompt.split_last() else {
-            bail!("empty prompt (the first response token needs a context)");
-        };
-        if let Some(bad) = prompt
-            .iter()
-            .chain(responses.iter().copied().flatten())
-            .find(|&&t| t as usize >= vocab)
-        {
-            bail!("token id {bad} is outside the vocabulary of {vocab}");
-        }
+        check_scorable(prompt, responses, self.config.vocab_size)?;
+        let (&last, prefix) = prompt.split_last().expect("checked: a prompt");
         let ids = |t: Vec<i64>| {
             let n = t.len();
             Tensor::<2, Int>::from_data(TensorData::new(t, [1, n]), &device)
@@ -314,7 +305,6 @@ impl CausalLm {
             let prefix = prefix.iter().map(|&t| t as i64).collect();
             model.decoder.forward_hidden(ids(prefix), Some(&mut cache));
         }
-        let h = self.config.hidden_size;
         let mut out = Vec::with_capacity(responses.len());
         for r in responses {
             if r.is_empty() {
@@ -327,13 +317,9 @@ impl CausalLm {
                 .chain(r[..r.len() - 1].iter().copied())
                 .map(|t| t as i64)
                 .collect();
-            let mut cache = cache.clone();
-            let hidden = model.decoder.forward_hidden(ids(input), Some(&mut cache));
-            let n = r.len();
-            let logits = model.decoder.logits(hidden.reshape([1, n, h]));
             let targets = ids(r.iter().map(|&t| t as i64).collect());
-            let lp = gather_logprobs(logits, targets)
-                .reshape([n])
+            let lp = model
+                .token_logprobs_after(ids(input), targets, Some(&mut cache.clone()))
                 .try_into_vec_as::<f32>()
                 .map_err(|e| anyhow::anyhow!("reading log-probs back: {e:?}"))?;
             out.push(lp);
@@ -462,6 +448,19 @@ impl CausalLm {
     pub fn param_count(&self) -> usize {
         self.num_params()
     }
+}
+
+/// Why the log-probs of `answers` after `prompt` cannot be computed by a model of `vocab`
+/// tokens: an empty prompt, or an id outside the vocabulary.
+fn check_scorable(prompt: &[u32], answers: &[&[u32]], vocab: usize) -> Result<()> {
+    if prompt.is_empty() {
+        bail!("empty prompt (the first response token needs a context)");
+    }
+    let ids = prompt.iter().chain(answers.iter().copied().flatten());
+    if let Some(bad) = ids.into_iter().find(|&&t| t as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(())
 }
 
 /// The config of a fresh model of `config`: validated, and owing nothing to any source

@@ -224,19 +224,14 @@ impl Decoder {
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let (nh, nkv, hd) = (sp.n_heads, sp.n_kv, sp.head_dim);
+        let (nh, nkv) = (sp.n_heads, sp.n_kv);
         let dt = sp.precision.compute_dtype();
         // A plain causal product in f32 on flex (training, score, reference log-probs, evaluate
         // prompts): the whole layer from the q/k/v projection as one operation with its own
         // backward (super::attention::qkv), with the tables `[seq, rot]`.
         // With a cache and no gradient, the same layer continuing the cache
         // (super::attention::inference::qkv_cached): scoring's shared prompts, generation.
-        let fused = (mask.is_none()
-            && dt.is_none()
-            && sp.rot_dim > 0
-            && (cache.is_none() || !device.is_autodiff())
-            && super::attention::qkv::usable(&device, hd))
-        .then(|| {
+        let fused = (mask.is_none() && self.fuses_attention(&device, cache.is_some())).then(|| {
             let table = |t: &Tensor<4>| t.clone().reshape([seq, sp.rot_dim]);
             (table(&cos), table(&sin))
         });
@@ -280,6 +275,18 @@ impl Decoder {
             c.len += seq;
         }
         self.final_norm.forward(x)
+    }
+
+    /// Whether an unmasked forward on `device` (continuing a cache when `cached`) runs each
+    /// attention layer as one fused operation (super::attention::qkv, or
+    /// super::attention::inference::qkv_cached with a cache): f32 compute, rotary embeddings, a
+    /// backend and head width with the kernel, and a cache only without gradients.
+    pub(crate) fn fuses_attention(&self, device: &Device, cached: bool) -> bool {
+        let sp = &self.spec;
+        sp.precision.compute_dtype().is_none()
+            && sp.rot_dim > 0
+            && (!cached || !device.is_autodiff())
+            && super::attention::qkv::usable(device, sp.head_dim)
     }
 
     /// Block `li`'s attention output `[batch, seq, heads * head_dim]` from its q/k/v projection,
